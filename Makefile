@@ -1,0 +1,32 @@
+# Two entry points, both self-contained on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := build/demo
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the bundled tiny Qwen-v1 model (no hub, no vendor toolchain).
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/surgery fixture qwen --out $(DEMO)/tiny-qwen --revision 2023-11
+	$(BIN)/surgery apply qwen --model $(DEMO)/tiny-qwen --seq-length 64 --dtype fp32
+	$(BIN)/surgery apply qwen --model $(DEMO)/tiny-qwen-surgery --seq-length 64 --dtype fp32
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Chip adapters that turn exported graphs into device models (installed as `surgery.compile`)."""

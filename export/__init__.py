@@ -1,0 +1,1 @@
+"""Per-block ONNX export (installed as `surgery.export`); see issue 3 and docs/ for the block contract."""

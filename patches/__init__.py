@@ -1,0 +1,1 @@
+"""Patch packs: one short module per model family (installed as `surgery.patches`)."""

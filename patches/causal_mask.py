@@ -1,0 +1,78 @@
+"""Rules that remove a model's built-in causal mask, so only the additive `attention_mask` input masks.
+
+Static-shape NPU graphs take the mask as an input (prefill: causal over the padded length; decode: the
+valid history slots). A mask the model builds itself is at best dead weight (Where/ConstantOfShape/Equal
+ops in every block) and at worst wrong for the padded static layout.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from surgery.codemod import Rule
+
+from .common import IS_NOT_NONE, contains, prune_dead_assignments, torch_call
+
+MASK_TEMPORARIES = ("causal_mask", "mask_value", "query_length", "key_length")
+
+
+def _where_on(mask: str) -> m.Call:
+    return torch_call("where", args=[m.Arg(m.Name(mask)), m.ZeroOrMore()])
+
+
+class _MaskRemovalInMethods(Rule):
+    """Removes, in the named methods, the statement matching `target` and the temporaries it read."""
+
+    target: m.BaseMatcherNode
+
+    def __init__(self, methods: tuple[str, ...]) -> None:
+        super().__init__()
+        self.methods = methods
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        if updated.name.value not in self.methods:
+            return updated
+        body = list(updated.body.body)
+        at = next((i for i, s in enumerate(body) if m.matches(s, self.target)), None)
+        if at is None:
+            return updated
+        del body[at]
+        following = body[min(at, len(body) - 1)]
+        body = [self.mark(s, "built-in causal mask removed; the attention_mask input masks")
+                if s is following else s for s in prune_dead_assignments(body, MASK_TEMPORARIES)]
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+
+class RegisteredCausalMask(_MaskRemovalInMethods):
+    """2023-11 style: `attn_weights = torch.where(causal_mask, attn_weights, mask_value)` after slicing
+    `registered_causal_mask` and building `finfo.min`."""
+
+    name = "registered_causal_mask (2023-11)"
+    anchor = "`attn_weights = torch.where(causal_mask, ...)` in {methods}"
+    target = m.SimpleStatementLine([m.Assign(value=_where_on("causal_mask"))])
+
+    def __init__(self, methods: tuple[str, ...] = ("_attn", "_upcast_and_reordered_attn")) -> None:
+        super().__init__(methods)
+        self.anchor = self.anchor.format(methods=", ".join(methods))
+
+
+class TrilCausalMask(_MaskRemovalInMethods):
+    """2023-12 style: `forward` builds `causal_mask = torch.tril(torch.ones(...))` when query and key
+    lengths match, and `_attn` applies it with `if causal_mask is not None: torch.where(...)`."""
+
+    name = "tril causal mask (2023-12)"
+    anchor = "`if ...: causal_mask = torch.tril(torch.ones(...)) ...` in forward"
+    target = m.If(test=m.Comparison(left=m.Name("causal_mask"), comparisons=[IS_NOT_NONE]),
+                  body=contains(_where_on("causal_mask")))
+    BUILD = m.If(body=contains(m.Assign(targets=[m.AssignTarget(m.Name("causal_mask"))],
+                                        value=contains(torch_call("tril")))))
+
+    def __init__(self, methods: tuple[str, ...] = ("_attn",)) -> None:
+        super().__init__(methods)
+
+    def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement:
+        if not m.matches(updated, self.BUILD):
+            return updated
+        return self.mark(cst.parse_statement("causal_mask = None\n").with_changes(
+            leading_lines=updated.leading_lines), "the tril mask is no longer built")

@@ -1,0 +1,92 @@
+"""Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat, `model_type: qwen`), both upstream revision styles.
+
+The edits people make by hand before exporting these models to NPUs, as codemods, plus what the
+remote code needs to load on transformers 5.x.
+"""
+
+import libcst.matchers as m
+
+from surgery.codemod import Patch
+from surgery.packs import ApplyOptions, Pack
+
+from .causal_mask import RegisteredCausalMask, TrilCausalMask
+from .common import (
+    IS_NOT_NONE,
+    CallFirstInMethod,
+    ForceModuleConstant,
+    HoistBefore,
+    KeepElseOfFlagBranch,
+    OptionalImport,
+    ReplaceMethodCall,
+    ScalarDivision,
+    contains,
+)
+
+# transformers 5 builds the model on the meta device and leaves non-persistent buffers as uninitialised
+# memory; it then calls `_init_weights` on exactly the modules holding them. Rebuild them there.
+RESTORE_BUFFERS = '''
+def _surgery_restore_buffers(module):
+    if isinstance(module, QWenAttention):
+        n = module.logn_tensor.size(1)
+        logn = [math.log(i, module.seq_length) if i > module.seq_length else 1 for i in range(1, n + 1)]
+        module.logn_tensor.copy_(torch.tensor(logn)[None, :, None, None])
+        module.masked_bias.fill_(-1e4)
+    elif isinstance(module, RotaryEmbedding):
+        module.inv_freq.copy_(1.0 / (module.base ** (torch.arange(0, module.dim, 2).float() / module.dim)))
+    elif isinstance(module, QWenModel) and getattr(module, "registered_causal_mask", None) is not None:
+        n = module.registered_causal_mask.size(-1)
+        module.registered_causal_mask.copy_(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n))
+'''
+
+PRESENT = m.If(test=m.Name("use_cache"), body=contains(m.AssignTarget(m.Name("present"))))
+CACHE_CONCAT = m.If(test=m.Comparison(left=m.Name("layer_past"), comparisons=[IS_NOT_NONE]))
+
+PATCHES = [
+    Patch("sdpa-off", "SUPPORT_TORCH2 = False: torch 2 SDPA does not export to static ONNX",
+          [ForceModuleConstant("SUPPORT_TORCH2", "False")]),
+    Patch("sdpa-branch", "drop the SDPA branch in attention, keep the eager `_attn` path",
+          [KeepElseOfFlagBranch("SUPPORT_TORCH2")], required=False,
+          absent_reason="this revision has no SDPA branch"),
+    Patch("full-divisor", "`attn_weights / torch.full([], s)` -> `/ s`: the 0-d full breaks shape inference",
+          [ScalarDivision()], required=False,
+          absent_reason="this revision already divides by a plain scalar"),
+    Patch("causal-mask", "remove the built-in causal mask; only the additive attention_mask input masks",
+          [RegisteredCausalMask(), TrilCausalMask()]),
+    Patch("present-kv", "take `present = (key, value)` before the cache concat: blocks return this step's K/V",
+          [HoistBefore(PRESENT, CACHE_CONCAT, name="hoist-present",
+                       anchor="`if use_cache: present = ...` after `if layer_past is not None:` in one block",
+                       note="present holds only this step's K/V")]),
+    Patch("stream-generator", "make the transformers_stream_generator import optional (loader refuses it)",
+          [OptionalImport("transformers_stream_generator")], required=False,
+          absent_reason="this revision does not import transformers_stream_generator"),
+    Patch("head-mask", "replace `self.get_head_mask(...)` (removed in transformers 5)",
+          [ReplaceMethodCall("get_head_mask", "([None] * {1} if {0} is None else {0})",
+                             note="get_head_mask was removed in transformers 5")], required=False,
+          absent_reason="this revision does not call get_head_mask"),
+    Patch("restore-buffers", "rebuild non-persistent buffers that transformers 5 leaves uninitialised",
+          [CallFirstInMethod("QWenPreTrainedModel", "_init_weights", RESTORE_BUFFERS,
+                             "_surgery_restore_buffers(module)",
+                             note="transformers 5 leaves non-persistent buffers uninitialised")]),
+]
+
+
+def config_edits(opts: ApplyOptions) -> dict[str, object]:
+    edits: dict[str, object] = {"use_flash_attn": False}
+    if opts.seq_length:
+        edits |= {"seq_length": opts.seq_length, "max_position_embeddings": opts.seq_length}
+    if opts.dtype:
+        edits |= {flag: opts.dtype == flag for flag in ("bf16", "fp16", "fp32")}
+    return edits
+
+
+PACK = Pack(
+    name="qwen",
+    version="1.0.0",
+    summary="Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat), 2023-11 and 2023-12 revisions",
+    model_types=("qwen",),
+    architectures=("QWenLMHeadModel",),
+    files={"modeling_qwen.py": PATCHES},
+    config_edits=config_edits,
+    checked_with=">=5.0,<6",
+    load_only=("stream-generator", "head-mask", "restore-buffers"),
+)

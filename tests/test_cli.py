@@ -1,0 +1,53 @@
+"""A few true end-to-end runs of the `surgery` console script (each pays Python + torch start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SURGERY = str(Path(sys.executable).with_name("surgery"))
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([SURGERY, *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def test_fixture_apply_dry_run_and_json(tmp_path: Path):
+    assert run("fixture", "qwen", "--out", "tiny", "--revision", "2023-12", cwd=tmp_path).returncode == 0
+    dry = run("apply", "qwen", "--model", "tiny", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0 and "+SUPPORT_TORCH2 = False" in dry.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    done = run("apply", "qwen", "--model", "tiny", "--seq-length", "64", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["out"] == "tiny-surgery" and report["changed"]
+    assert {p["patch"]: p["rule"] for p in report["patches"]}["causal-mask"] == "tril causal mask (2023-12)"
+    again = run("apply", "qwen", "--model", "tiny-surgery", "--seq-length", "64", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to change" in again.stdout
+
+
+def test_list_json_describes_packs(tmp_path: Path):
+    listed = run("list", "--json", cwd=tmp_path)
+    assert listed.returncode == 0
+    qwen = next(p for p in json.loads(listed.stdout) if p["name"] == "qwen")
+    ids = [p["id"] for p in qwen["patches"]]
+    assert ids[:5] == ["sdpa-off", "sdpa-branch", "full-divisor", "causal-mask", "present-kv"]
+    assert all(p["summary"] for p in qwen["patches"])
+
+
+def test_bad_input_one_line_no_traceback(tmp_path: Path):
+    result = run("apply", "qwen", "--model", "nowhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: model directory nowhere does not exist; pass the folder "
+                                                  "that holds config.json"]
+    assert "Traceback" not in result.stderr
+
+
+def test_every_command_has_help_with_example(tmp_path: Path):
+    for command in ("apply", "list", "fixture"):
+        result = run(command, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "Example: surgery " in result.stdout
