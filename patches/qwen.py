@@ -71,7 +71,9 @@ PATCHES = [
 
 
 def config_edits(opts: ApplyOptions) -> dict[str, object]:
-    edits: dict[str, object] = {"use_flash_attn": False}
+    # logn scaling and dynamic NTK are identities up to the trained length; in a static decode graph the
+    # history is padded to SEQ, so the key length alone would switch them on and skew every query.
+    edits: dict[str, object] = {"use_flash_attn": False, "use_logn_attn": False, "use_dynamic_ntk": False}
     if opts.seq_length:
         edits |= {"seq_length": opts.seq_length, "max_position_embeddings": opts.seq_length}
     if opts.dtype:
