@@ -21,6 +21,9 @@ demo: $(STAMP)
 	$(BIN)/surgery fixture qwen --out $(DEMO)/tiny-qwen --revision 2023-11
 	$(BIN)/surgery apply qwen --model $(DEMO)/tiny-qwen --seq-length 64 --dtype fp32
 	$(BIN)/surgery apply qwen --model $(DEMO)/tiny-qwen-surgery --seq-length 64 --dtype fp32
+	$(BIN)/surgery export $(DEMO)/tiny-qwen-surgery --out $(DEMO)/tiny-qwen-onnx --seq-length 64 --trust-remote-code
+	$(BIN)/surgery verify $(DEMO)/tiny-qwen-onnx --trust-remote-code
+	$(BIN)/surgery run $(DEMO)/tiny-qwen-onnx --prompt-ids 11,42,7,300,5 --max-new-tokens 32
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -145,6 +145,113 @@ def fixture_cmd(
     out.print(f"wrote tiny {kind} ({revision.value}) to [bold]{path}[/]")
 
 
+def _parse_blocks(text: str | None) -> tuple[int, ...] | None:
+    """`0-3` or `0,2,5` (or a mix) -> layer indices."""
+    if not text:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise SurgeryError(f"--blocks {text!r} is not a layer list; write e.g. 0-3 or 0,2,5") from None
+    return tuple(sorted(set(layers)))
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="A directory written by `surgery apply`.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for the graphs and manifest.json.")],
+    seq_length: Annotated[int, typer.Option("--seq-length", "-s", min=2, help="Static sequence length.")],
+    dtype: Annotated[Dtype, typer.Option(help="Precision of the exported graphs.")] = Dtype.fp32,
+    blocks: Annotated[str | None, typer.Option(help="Layers to export, e.g. 0-3 (default: all).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (vendor compilers reject newer than 17).")] = 17,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                    help="Allow running the model's own modeling code.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+) -> None:
+    """Export a patched model to static per-block ONNX graphs with a manifest (resumes if interrupted).
+
+    Example: surgery export ./Qwen-7B-Chat-surgery --out ./qwen-onnx --seq-length 512 --trust-remote-code
+    """
+    from rich.progress import Progress
+
+    from surgery.export.exporter import ExportOptions, export_model
+
+    options = ExportOptions(seq_length=seq_length, dtype=dtype.value, blocks=_parse_blocks(blocks), opset=opset,
+                            trust_remote_code=trust_remote_code)
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("exporting", total=None)
+        manifest = export_model(model, out_dir, options,
+                                progress=lambda name: bar.update(task, description=f"exporting {name}", advance=1))
+    if as_json:
+        _emit_json({"out": str(out_dir), "graphs": [g.file for g in manifest.graphs]})
+    else:
+        out.print(f"wrote {len(manifest.graphs)} graphs and manifest.json to [bold]{out_dir}[/]")
+
+
+@app.command("verify")
+def verify_cmd(
+    onnx_dir: Annotated[Path, typer.Argument(help="A directory written by `surgery export`.")],
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                    help="Allow running the model's own modeling code.")] = False,
+    min_cosine: Annotated[float, typer.Option(help="Fail below this cosine.")] = 0.99999,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table on stdout.")] = False,
+) -> None:
+    """Compare every graph on onnxruntime with the patched torch module (cosine, max-abs).
+
+    Example: surgery verify ./qwen-onnx --trust-remote-code
+    """
+    from surgery.export.verify import verify_export
+
+    rows = verify_export(onnx_dir, trust_remote_code=trust_remote_code)
+    if as_json:
+        _emit_json([r.as_dict() for r in rows])
+    else:
+        table = Table(title=f"onnxruntime vs patched torch: {onnx_dir}")
+        for col in ("graph", "output", "cosine", "max abs"):
+            table.add_column(col)
+        for r in rows:
+            style = "green" if r.cosine >= min_cosine else "red"
+            table.add_row(r.graph, r.output, f"[{style}]{r.cosine:.7f}[/]", f"{r.max_abs:.2e}")
+        out.print(table)
+    bad = [r for r in rows if not r.cosine >= min_cosine]
+    if bad:
+        raise SurgeryError(f"{len(bad)} output(s) below cosine {min_cosine}, first: {bad[0].graph}/{bad[0].output} "
+                           f"= {bad[0].cosine:.6f}")
+
+
+@app.command("run")
+def run_cmd(
+    onnx_dir: Annotated[Path, typer.Argument(help="A directory written by `surgery export`.")],
+    prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="Comma-separated prompt token ids.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Tokens and timings on stdout.")] = False,
+) -> None:
+    """Greedy generation on onnxruntime with a host-side KV cache, the way device runtimes do it.
+
+    Example: surgery run ./qwen-onnx --prompt-ids 1,2,3 --max-new-tokens 32 --json
+    """
+    from surgery.runtime import OnnxModel
+
+    try:
+        prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise SurgeryError(f"--prompt-ids {prompt_ids!r} is not a list of integers; write e.g. 1,2,3") from None
+    model = OnnxModel(onnx_dir)
+    if any(not 0 <= t < model.manifest.vocab_size for t in prompt):
+        raise SurgeryError(f"prompt ids must be in 0..{model.manifest.vocab_size - 1}")
+    eos = model.manifest.eos_token_id
+    result = model.generate(prompt, max_new_tokens, eos={eos} if isinstance(eos, int) else set(eos or []))
+    if as_json:
+        _emit_json({"tokens": result.tokens, "prefill_ms": result.prefill_ms,
+                    "decode_tokens_per_s": result.decode_tokens_per_s})
+    else:
+        out.print(" ".join(map(str, result.tokens)))
+        out.print(f"prefill {result.prefill_ms:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s")
+
+
 def main() -> None:
     try:
         app()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from surgery.fixtures.qwen_v1 import REVISIONS, build
 
 from surgery.apply import plan_apply, write_plan
+from surgery.fixtures.qwen_v1 import REVISIONS, build
 from surgery.packs import ApplyOptions, get_pack
 
 SEQ = 64

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import libcst as cst
 import pytest
+
+from surgery.codemod import Outcome, Patch, markers, run_patch
 from surgery.patches.causal_mask import RegisteredCausalMask, TrilCausalMask
 from surgery.patches.common import (
     ForceModuleConstant,
@@ -13,8 +15,6 @@ from surgery.patches.common import (
     ScalarDivision,
     prune_dead_assignments,
 )
-
-from surgery.codemod import Outcome, Patch, markers, run_patch
 
 
 def rewrite(rule, source: str) -> str | None:

@@ -1,0 +1,65 @@
+"""The block contract as torch modules: each wraps a piece of the patched model with static I/O."""
+
+from __future__ import annotations
+
+import torch
+
+from surgery.export.arch import ArchSpec
+
+
+class Embedding(torch.nn.Module):
+    """input_ids int32 [1, S] -> [1, S, H]."""
+
+    def __init__(self, wte: torch.nn.Module) -> None:
+        super().__init__()
+        self.wte = wte
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, spec: ArchSpec, block: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        super().__init__()
+        self.spec, self.block = spec, block
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[position_ids], self.sin[position_ids]
+
+
+class Prefill(_Block):
+    """input_states [1,SEQ,H], position_ids int32 [1,SEQ], attention_mask [1,1,SEQ,SEQ]
+    -> hidden_states, past_k, past_v [1,SEQ,kv_heads,head_dim]."""
+
+    def forward(self, input_states, position_ids, attention_mask):
+        cos, sin = self.rope(position_ids)
+        return self.spec.call_block(self.block, input_states, cos, sin, attention_mask, None)
+
+
+class Decode(_Block):
+    """input_states [1,1,H], position_ids [1,1], attention_mask [1,1,1,SEQ+1], history_k/v [1,SEQ,kv,hd]
+    -> hidden_states, past_k, past_v [1,1,kv,hd] (this token only)."""
+
+    def forward(self, input_states, position_ids, attention_mask, history_k, history_v):
+        cos, sin = self.rope(position_ids)
+        return self.spec.call_block(self.block, input_states, cos, sin, attention_mask, (history_k, history_v))
+
+
+class LmHead(torch.nn.Module):
+    """hidden_states [1, H] -> logits [1, vocab] (final norm + head)."""
+
+    def __init__(self, norm: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden_states))
+
+
+class GreedyHead(torch.nn.Module):
+    """logits [1, vocab] -> token int64 [1, 1] (top-1)."""
+
+    def forward(self, m_logits: torch.Tensor) -> torch.Tensor:
+        return torch.topk(m_logits.float(), 1).indices

@@ -1,0 +1,223 @@
+"""`surgery export`: a patched model directory -> static per-block ONNX graphs + manifest.json.
+
+Each graph is written to a temp file and renamed; `.export-state.json` remembers finished graphs (with the
+hash of the file and of what produced it), so an interrupted export resumes and ends with the same files.
+The manifest is written last: a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgery.apply import RECORD, tool_versions
+from surgery.errors import SurgeryError
+from surgery.export.arch import SPECS, ArchSpec
+from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, Prefill
+from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
+from surgery.manifest import GraphSpec, Manifest, TensorSpec
+
+STATE = ".export-state.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    seq_length: int
+    dtype: str = "fp32"
+    blocks: tuple[int, ...] | None = None  # None: every layer
+    opset: int = 17
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Job:
+    """One graph to export: its wrapper module, example inputs, I/O names."""
+
+    name: str
+    kind: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    layer: int | None = None
+
+
+def load_patched(model_dir: Path, options: ExportOptions) -> tuple[torch.nn.Module, dict]:
+    """Load a directory written by `surgery apply` (remote code only with explicit consent)."""
+    record_path = model_dir / RECORD
+    if not model_dir.is_dir() or not record_path.is_file():
+        raise SurgeryError(f"{model_dir} was not produced by `surgery apply`; run `surgery apply <pack> "
+                           f"--model {model_dir}` first and export its output")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("auto_map") and not options.trust_remote_code:
+        raise SurgeryError(f"{model_dir} runs its own modeling code (auto_map); pass --trust-remote-code "
+                           "if you trust it")
+    if config.get("model_type") not in SPECS:
+        raise SurgeryError(f"export has no spec for model_type {config.get('model_type')!r} "
+                           f"(known: {', '.join(SPECS)})")
+    check_weights(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code,
+                                                     dtype=DTYPES[options.dtype])
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeryError(f"cannot load {model_dir}: {first}; check the weights files") from None
+    return model.eval(), config
+
+
+def check_weights(model_dir: Path) -> None:
+    """Fail early, in one line, on missing, dangling or corrupt safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SurgeryError(f"{model_dir} has no *.safetensors weights; copy or link them in (or re-run apply)")
+    for path in files:
+        if not path.exists():
+            raise SurgeryError(f"{path.name} links to {path.resolve()}, which is missing; restore the weights")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise SurgeryError(f"{path.name} is not a readable safetensors file ({exc}); re-download it") from None
+
+
+def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) -> list[Job]:
+    cfg = model.config
+    seq, hidden, dtype = options.seq_length, cfg.hidden_size, DTYPES[options.dtype]
+    kv, hd = spec.num_kv_heads(cfg), spec.head_dim(cfg)
+    layers = spec.part(model, spec.layers)
+    chosen = range(len(layers)) if options.blocks is None else options.blocks
+    cos, sin = spec.rope_tables(model, seq)
+    wte = spec.part(model, spec.embedding)
+    ids = torch.zeros(1, seq, dtype=torch.int32)
+    mask = torch.full((seq, seq), -10000.0).triu(1)[None, None].to(dtype)
+    states = torch.randn(1, seq, hidden, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(seq, dtype=torch.int32)[None]
+    jobs = [
+        Job("embedding", "embedding", Embedding(wte), {"input_ids": ids}, ["input_states"]),
+        Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"]),
+    ]
+    history = torch.randn(1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    for i in chosen:
+        jobs.append(Job(f"block_{i}", "block", Prefill(spec, layers[i], cos, sin),
+                        {"input_states": states, "position_ids": pos, "attention_mask": mask},
+                        ["hidden_states", "past_k", "past_v"], layer=i))
+        jobs.append(Job(f"block_cache_{i}", "block_cache", Decode(spec, layers[i], cos, sin),
+                        {"input_states": states[:, :1], "position_ids": pos[:, :1],
+                         "attention_mask": torch.zeros(1, 1, 1, seq + 1, dtype=dtype),
+                         "history_k": history, "history_v": history},
+                        ["hidden_states", "past_k", "past_v"], layer=i))
+    head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head))
+    jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"]))
+    jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
+                    {"m_logits": torch.randn(1, cfg.vocab_size)}, ["token"]))
+    return jobs
+
+
+def _np_dtype(t: torch.Tensor) -> str:
+    return "bfloat16" if t.dtype == torch.bfloat16 else str(t.detach().numpy().dtype)
+
+
+def export_job(job: Job, path: Path, opset: int) -> list[TensorSpec]:
+    """Export one wrapper to `path` atomically; return its output specs (from a torch run)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = job.module(*job.inputs.values())
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.onnx.export(job.module, tuple(job.inputs.values()), str(tmp), input_names=list(job.inputs),
+                          output_names=job.outputs, opset_version=opset, dynamo=False, do_constant_folding=True)
+    os.replace(tmp, path)
+    return [TensorSpec(n, list(o.shape), _np_dtype(o)) for n, o in zip(job.outputs, outs, strict=True)]
+
+
+def export_model(model_dir: Path, out: Path, options: ExportOptions,
+                 progress: Callable[[str], None] = lambda name: None) -> Manifest:
+    """Export every graph of the block contract; resumes from `.export-state.json`."""
+    model_dir = Path(model_dir)
+    model, config = load_patched(model_dir, options)
+    spec = SPECS[config["model_type"]]
+    n_layers = len(spec.part(model, spec.layers))
+    if options.blocks is not None and any(not 0 <= b < n_layers for b in options.blocks):
+        raise SurgeryError(f"--blocks {','.join(map(str, options.blocks))} is out of range: the model has "
+                           f"{n_layers} layers (0-{n_layers - 1})")
+    record = json.loads((model_dir / RECORD).read_text())
+    key = sha256_text(json.dumps({"options": asdict(options), "source": record["hashes"],
+                                  "weights": _weights_fingerprint(model_dir)}, sort_keys=True))
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("key") != key:
+        state = {"key": key, "graphs": {}}
+    graphs = []
+    for job in plan_jobs(model, spec, options):
+        path = out / f"{job.name}.onnx"
+        done = state["graphs"].get(job.name)
+        if not (done and path.is_file() and sha256_file(path) == done["sha256"]):
+            progress(job.name)
+            outputs = export_job(job, path, options.opset)
+            done = {"sha256": sha256_file(path), "outputs": [asdict(o) for o in outputs]}
+            state["graphs"][job.name] = done
+            atomic_write_json(state_path, state)
+        inputs = [TensorSpec(n, list(t.shape), _np_dtype(t)) for n, t in job.inputs.items()]
+        graphs.append(GraphSpec(job.name, path.name, job.kind, inputs,
+                                [TensorSpec.of(o) for o in done["outputs"]], done["sha256"], job.layer))
+    cfg = model.config
+    manifest = Manifest(
+        model_type=config["model_type"], architecture=(config.get("architectures") or ["?"])[0],
+        seq_length=options.seq_length, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+        num_kv_heads=spec.num_kv_heads(cfg), head_dim=spec.head_dim(cfg), num_layers=n_layers,
+        vocab_size=cfg.vocab_size, dtype=options.dtype, opset=options.opset, exporter="torchscript",
+        graphs=graphs, bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
+        source={"model_dir": str(model_dir.resolve()), "pack": record["pack"], "hashes": record["hashes"]},
+        versions=tool_versions() | {"onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
+    )
+    manifest.write(out)
+    with contextlib.suppress(FileNotFoundError):
+        state_path.unlink()
+    return manifest
+
+
+def _weights_fingerprint(model_dir: Path) -> dict[str, list[int]]:
+    """Size and mtime of each weights file: cheap, and changes when the weights do."""
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(model_dir.glob("*.safetensors"))}
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(dist)
+
+
+DECODE_POSITION = 6  # parity inputs for decode graphs: a token at position 6 with 6 valid history slots
+
+
+def random_inputs(graph: GraphSpec, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs that follow the contract: ids in range, positions in order, a causal or decode mask."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in graph.inputs:
+        if t.name == "input_ids":
+            value = rng.integers(0, vocab, t.shape)
+        elif t.name == "position_ids":
+            value = np.arange(t.shape[-1])[None] if graph.kind == "block" else np.full(t.shape, DECODE_POSITION)
+        elif t.name == "attention_mask" and graph.kind == "block":
+            value = np.triu(np.full(t.shape[-2:], -10000.0), 1)[None, None]
+        elif t.name == "attention_mask":
+            slots = np.arange(t.shape[-1])
+            value = np.where((slots < DECODE_POSITION) | (slots == t.shape[-1] - 1), 0.0, -10000.0)[None, None, None]
+        else:
+            value = rng.standard_normal(t.shape)
+        feeds[t.name] = value.astype(t.dtype)
+    return feeds

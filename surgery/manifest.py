@@ -1,0 +1,95 @@
+"""manifest.json: the one schema every stage after export reads, so no stage guesses a convention."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+from surgery.fsutil import atomic_write_json
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+MASK_VALUE = -10000.0  # additive mask constant: finfo.min overflows half precision, -10000 does not
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int]
+    dtype: str  # numpy dtype name
+
+    @classmethod
+    def of(cls, raw: dict) -> TensorSpec:
+        return cls(raw["name"], list(raw["shape"]), raw["dtype"])
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    file: str
+    kind: str  # embedding | embedding_cache | block | block_cache | lm_head | greedy_head
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    sha256: str
+    layer: int | None = None
+
+    @classmethod
+    def of(cls, raw: dict) -> GraphSpec:
+        return cls(raw["name"], raw["file"], raw["kind"], [TensorSpec.of(t) for t in raw["inputs"]],
+                   [TensorSpec.of(t) for t in raw["outputs"]], raw["sha256"], raw.get("layer"))
+
+
+@dataclass
+class Manifest:
+    model_type: str
+    architecture: str
+    seq_length: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    vocab_size: int
+    dtype: str
+    opset: int
+    exporter: str
+    graphs: list[GraphSpec]
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    chat_template: str | None = None
+    conventions: dict = field(default_factory=lambda: {
+        "kv_layout": "BSHD [1, seq, kv_heads, head_dim]",
+        "mask": {"kind": "additive", "value": MASK_VALUE,
+                 "prefill": "[1,1,SEQ,SEQ]: 0 where j <= i < len, else value",
+                 "decode": "[1,1,1,SEQ+1]: 0 for history slots j < len-1 and for the last slot (the new token)"},
+        "position_ids": "int32",
+        "input_ids": "int32",
+        "rope": "inside each block: cos/sin tables are constants gathered by position_ids",
+        "decode_history": "history_k/v hold SEQ slots; write the new token's past_k/v at position len-1",
+    })
+    source: dict = field(default_factory=dict)  # patched model dir, its surgery.json hashes
+    versions: dict = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def graph(self, name: str) -> GraphSpec:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise SurgeryError(f"manifest has no graph {name!r}; re-run `surgery export`")
+
+    def write(self, directory: Path) -> None:
+        atomic_write_json(directory / MANIFEST, asdict(self))
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise SurgeryError(f"{directory} has no {MANIFEST}; is it the output of `surgery export`?")
+        try:
+            raw = json.loads(path.read_text())
+            raw["graphs"] = [GraphSpec.of(g) for g in raw["graphs"]]
+            return cls(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SurgeryError(f"{path} is not a valid manifest ({exc}); re-run `surgery export`") from None

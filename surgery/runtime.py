@@ -1,0 +1,92 @@
+"""The reference runtime: exported graphs on onnxruntime, KV cache kept on the host as devices keep it.
+
+History buffers hold SEQ slots per layer; the prefill writes slots 0..len-1, each decode step writes the
+new token's K/V at its position; masks follow the manifest's conventions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from surgery.errors import SurgeryError
+from surgery.manifest import MASK_VALUE, Manifest
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_ms: float
+    decode_tokens_per_s: float
+    steps: list[float] = field(default_factory=list)
+
+
+class OnnxModel:
+    def __init__(self, directory: str | Path) -> None:
+        import onnxruntime as ort
+
+        self.dir = Path(directory)
+        self.manifest = Manifest.read(self.dir)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sessions = {g.name: ort.InferenceSession(str(self.dir / g.file), opts,
+                                                      providers=["CPUExecutionProvider"])
+                         for g in self.manifest.graphs}
+        layers = sorted(g.layer for g in self.manifest.graphs if g.kind == "block")
+        if layers != list(range(self.manifest.num_layers)):
+            raise SurgeryError(f"{self.dir} holds blocks {layers}, not all {self.manifest.num_layers} layers; "
+                               "export without --blocks to run it")
+        self.float = np.dtype(self.manifest.graph("block_0").inputs[0].dtype)
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        return self.sessions[name].run(None, feeds)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> Generation:
+        m = self.manifest
+        seq, n = m.seq_length, len(prompt)
+        if not 0 < n < seq:
+            raise SurgeryError(f"the prompt has {n} tokens; this export takes 1 to {seq - 1} "
+                               f"(re-export with a larger --seq-length)")
+        start = time.perf_counter()
+        ids = np.zeros((1, seq), np.int32)
+        ids[0, :n] = prompt
+        hidden = self.run("embedding", input_ids=ids)[0]
+        pos = np.zeros((1, seq), np.int32)
+        pos[0, :n] = np.arange(n)
+        rows = np.arange(seq)
+        mask = np.where((rows[None, :] <= rows[:, None]) & (rows[:, None] < n), 0.0, MASK_VALUE)
+        mask = mask[None, None].astype(self.float)
+        k_cache, v_cache = [], []
+        for i in range(m.num_layers):
+            hidden, k, v = self.run(f"block_{i}", input_states=hidden, position_ids=pos, attention_mask=mask)
+            k_cache.append(k)
+            v_cache.append(v)
+        token = self._next(hidden[:, n - 1])
+        prefill_ms = (time.perf_counter() - start) * 1000
+        tokens, steps = [token], []
+        length = n + 1  # tokens so far, including the one just produced
+        while len(tokens) < max_new_tokens and length <= seq and not (eos and token in eos):
+            t0 = time.perf_counter()
+            p = length - 1
+            hidden = self.run("embedding_cache", input_ids=np.array([[token]], np.int32))[0]
+            slots = np.arange(seq + 1)
+            dmask = np.where((slots < p) | (slots == seq), 0.0, MASK_VALUE)[None, None, None].astype(self.float)
+            for i in range(m.num_layers):
+                hidden, k, v = self.run(f"block_cache_{i}", input_states=hidden,
+                                        position_ids=np.array([[p]], np.int32), attention_mask=dmask,
+                                        history_k=k_cache[i], history_v=v_cache[i])
+                k_cache[i][:, p] = k[:, 0]
+                v_cache[i][:, p] = v[:, 0]
+            token = self._next(hidden[:, 0])
+            tokens.append(token)
+            length += 1
+            steps.append(time.perf_counter() - t0)
+        rate = len(steps) / sum(steps) if steps else 0.0
+        return Generation(tokens, prefill_ms, rate, steps)
+
+    def _next(self, hidden_row: np.ndarray) -> int:
+        logits = self.run("lm_head", hidden_states=hidden_row)[0]
+        return int(self.run("greedy_head", m_logits=logits)[0].reshape(-1)[0])
