@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/surgery apply qwen --model $(DEMO)/tiny-qwen-surgery --seq-length 64 --dtype fp32
 	$(BIN)/surgery export $(DEMO)/tiny-qwen-surgery --out $(DEMO)/tiny-qwen-onnx --seq-length 64 --trust-remote-code
 	$(BIN)/surgery verify $(DEMO)/tiny-qwen-onnx --trust-remote-code
-	$(BIN)/surgery run $(DEMO)/tiny-qwen-onnx --prompt-ids 11,42,7,300,5 --max-new-tokens 32
+	$(BIN)/surgery run $(DEMO)/tiny-qwen-onnx --prompt "Hello, how are you?" --chat --max-new-tokens 32
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
 
 STATE = ".export-state.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "qwen.tiktoken", "tokenization_qwen.py", "generation_config.json")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -173,6 +176,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         inputs = [TensorSpec(n, list(t.shape), _np_dtype(t)) for n, t in job.inputs.items()]
         graphs.append(GraphSpec(job.name, path.name, job.kind, inputs,
                                 [TensorSpec.of(o) for o in done["outputs"]], done["sha256"], job.layer))
+    tokenizer = _copy_tokenizer(model_dir, out)
     cfg = model.config
     manifest = Manifest(
         model_type=config["model_type"], architecture=(config.get("architectures") or ["?"])[0],
@@ -180,6 +184,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         num_kv_heads=spec.num_kv_heads(cfg), head_dim=spec.head_dim(cfg), num_layers=n_layers,
         vocab_size=cfg.vocab_size, dtype=options.dtype, opset=options.opset, exporter="torchscript",
         graphs=graphs, bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
+        chat_template=tokenizer.get("chat_template"), tokenizer_files=tokenizer["files"],
         source={"model_dir": str(model_dir.resolve()), "pack": record["pack"], "hashes": record["hashes"]},
         versions=tool_versions() | {"onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
     )
@@ -187,6 +192,17 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()
     return manifest
+
+
+def _copy_tokenizer(model_dir: Path, out: Path) -> dict:
+    """Copy the tokenizer files next to the graphs so the export directory is self-contained."""
+    files = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    for name in files:
+        shutil.copyfile(model_dir / name, out / name)
+    info: dict = {"files": files}
+    if "tokenizer_config.json" in files:
+        info["chat_template"] = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    return info
 
 
 def _weights_fingerprint(model_dir: Path) -> dict[str, list[int]]:

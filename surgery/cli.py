@@ -225,30 +225,49 @@ def verify_cmd(
 @app.command("run")
 def run_cmd(
     onnx_dir: Annotated[Path, typer.Argument(help="A directory written by `surgery export`.")],
-    prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="Comma-separated prompt token ids.")],
+    prompt: Annotated[str | None, typer.Option(help="Prompt text (tokenized with the exported tokenizer).")] = None,
+    prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="Comma-separated prompt token ids.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
-    as_json: Annotated[bool, typer.Option("--json", help="Tokens and timings on stdout.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                    help="Allow the tokenizer's own code to run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Text, tokens and timings on stdout.")] = False,
 ) -> None:
     """Greedy generation on onnxruntime with a host-side KV cache, the way device runtimes do it.
 
-    Example: surgery run ./qwen-onnx --prompt-ids 1,2,3 --max-new-tokens 32 --json
+    Example: surgery run ./qwen-onnx --prompt "Hello" --chat --max-new-tokens 32 --json
     """
-    from surgery.runtime import OnnxModel
+    from surgery.runtime import OnnxModel, load_tokenizer
 
-    try:
-        prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
-    except ValueError:
-        raise SurgeryError(f"--prompt-ids {prompt_ids!r} is not a list of integers; write e.g. 1,2,3") from None
+    if (prompt is None) == (prompt_ids is None):
+        raise SurgeryError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     model = OnnxModel(onnx_dir)
-    if any(not 0 <= t < model.manifest.vocab_size for t in prompt):
-        raise SurgeryError(f"prompt ids must be in 0..{model.manifest.vocab_size - 1}")
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = load_tokenizer(onnx_dir, trust_remote_code)
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+    else:
+        try:
+            ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise SurgeryError(f"--prompt-ids {prompt_ids!r} is not a list of integers; write e.g. 1,2,3") from None
+        if any(not 0 <= t < model.manifest.vocab_size for t in ids):
+            raise SurgeryError(f"prompt ids must be in 0..{model.manifest.vocab_size - 1}")
     eos = model.manifest.eos_token_id
-    result = model.generate(prompt, max_new_tokens, eos={eos} if isinstance(eos, int) else set(eos or []))
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    result = model.generate(list(ids), max_new_tokens, eos=eos_ids)
+    text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer else None
     if as_json:
-        _emit_json({"tokens": result.tokens, "prefill_ms": result.prefill_ms,
+        _emit_json({"text": text, "tokens": result.tokens, "prompt_tokens": len(ids), "prefill_ms": result.prefill_ms,
                     "decode_tokens_per_s": result.decode_tokens_per_s})
     else:
-        out.print(" ".join(map(str, result.tokens)))
+        out.print(text if text is not None else " ".join(map(str, result.tokens)), highlight=False)
         out.print(f"prefill {result.prefill_ms:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s")
 
 

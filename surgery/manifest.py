@@ -59,6 +59,7 @@ class Manifest:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     chat_template: str | None = None
+    tokenizer_files: list[str] = field(default_factory=list)
     conventions: dict = field(default_factory=lambda: {
         "kv_layout": "BSHD [1, seq, kv_heads, head_dim]",
         "mask": {"kind": "additive", "value": MASK_VALUE,

@@ -90,3 +90,17 @@ class OnnxModel:
     def _next(self, hidden_row: np.ndarray) -> int:
         logits = self.run("lm_head", hidden_states=hidden_row)[0]
         return int(self.run("greedy_head", m_logits=logits)[0].reshape(-1)[0])
+
+
+def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
+    """The tokenizer `surgery export` copied next to the graphs."""
+    manifest = Manifest.read(Path(directory))
+    if not manifest.tokenizer_files:
+        raise SurgeryError(f"{directory} has no tokenizer files; pass --prompt-ids instead of --prompt")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SurgeryError(f"cannot load the tokenizer in {directory} ({str(exc).splitlines()[0]}); "
+                           "pass --trust-remote-code if it ships its own code, or use --prompt-ids") from None

@@ -48,6 +48,28 @@ def test_bad_input_one_line_no_traceback(tmp_path: Path):
 
 
 def test_every_command_has_help_with_example(tmp_path: Path):
-    for command in ("apply", "list", "fixture"):
+    for command in ("apply", "list", "fixture", "export", "verify", "run"):
         result = run(command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Example: surgery " in result.stdout
+
+
+def test_export_verify_run_end_to_end(tmp_path: Path):
+    assert run("fixture", "qwen", "--out", "tiny", cwd=tmp_path).returncode == 0
+    applied = run("apply", "qwen", "--model", "tiny", "--seq-length", "32", "--dtype", "fp32", cwd=tmp_path)
+    assert applied.returncode == 0
+    refused = run("export", "tiny-surgery", "--out", "g", "--seq-length", "32", cwd=tmp_path)
+    assert refused.returncode == 2 and "pass --trust-remote-code" in refused.stderr
+    assert not (tmp_path / "g" / "manifest.json").exists()
+    done = run("export", "tiny-surgery", "--out", "g", "--seq-length", "32", "--trust-remote-code", "--json",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "block_cache_1.onnx" in json.loads(done.stdout)["graphs"]
+    checked = run("verify", "g", "--trust-remote-code", "--json", cwd=tmp_path)
+    assert checked.returncode == 0 and min(r["cosine"] for r in json.loads(checked.stdout)) >= 0.99999
+    text = run("run", "g", "--prompt", "Hello, how are you?", "--chat", "--max-new-tokens", "8", "--json",
+               cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    result = json.loads(text.stdout)
+    assert len(result["tokens"]) == 8 and isinstance(result["text"], str) and result["prompt_tokens"] > 5
+    too_long = run("run", "g", "--prompt-ids", ",".join(["5"] * 40), cwd=tmp_path)
+    assert too_long.returncode == 2 and "the prompt has 40 tokens; this export takes 1 to 31" in too_long.stderr
