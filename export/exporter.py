@@ -124,7 +124,7 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) ->
     head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head))
     jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"]))
     jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
-                    {"m_logits": torch.randn(1, cfg.vocab_size)}, ["token"]))
+                    {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype)}, ["token"]))
     return jobs
 
 

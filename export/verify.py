@@ -16,6 +16,7 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False) -> list[Parit
     import onnxruntime as ort
 
     manifest = Manifest.read(onnx_dir)
+    manifest.require_numpy_dtype("surgery verify")
     layers = sorted({g.layer for g in manifest.graphs if g.layer is not None})
     options = ExportOptions(seq_length=manifest.seq_length, dtype=manifest.dtype, opset=manifest.opset,
                             blocks=tuple(layers), trust_remote_code=trust_remote_code)

@@ -80,6 +80,12 @@ class Manifest:
                 return g
         raise SurgeryError(f"manifest has no graph {name!r}; re-run `surgery export`")
 
+    def require_numpy_dtype(self, what: str) -> None:
+        """numpy (and so onnxruntime's Python API) has no bfloat16 tensors."""
+        if self.dtype == "bf16":
+            raise SurgeryError(f"{what} feeds graphs from numpy, which has no bfloat16; export with --dtype fp32 "
+                               "or fp16 to check or run on the CPU")
+
     def write(self, directory: Path) -> None:
         atomic_write_json(directory / MANIFEST, asdict(self))
 

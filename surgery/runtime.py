@@ -30,6 +30,7 @@ class OnnxModel:
 
         self.dir = Path(directory)
         self.manifest = Manifest.read(self.dir)
+        self.manifest.require_numpy_dtype("surgery run")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.sessions = {g.name: ort.InferenceSession(str(self.dir / g.file), opts,

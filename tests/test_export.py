@@ -132,3 +132,15 @@ def test_manifest_records_source_and_versions(onnx_dir: Path, qwen_patched: Path
     record = json.loads((qwen_patched / "surgery.json").read_text())
     assert raw["source"]["hashes"] == record["hashes"]
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(raw["versions"])
+
+
+def test_half_precision_exports(qwen_patched: Path, tmp_path: Path):
+    fp16 = tmp_path / "fp16"
+    export_model(qwen_patched, fp16, ExportOptions(seq_length=SEQ, dtype="fp16", trust_remote_code=True))
+    assert Manifest.read(fp16).graph("block_0").inputs[0].dtype == "float16"
+    assert min(r.cosine for r in verify_export(fp16, trust_remote_code=True)) >= 0.999
+    assert len(OnnxModel(fp16).generate(prompt_ids(), 4).tokens) == 4
+    bf16 = tmp_path / "bf16"
+    export_model(qwen_patched, bf16, ExportOptions(seq_length=SEQ, dtype="bf16", trust_remote_code=True))
+    with pytest.raises(SurgeryError, match="numpy, which has no bfloat16"):
+        OnnxModel(bf16)
