@@ -63,3 +63,27 @@ class GreedyHead(torch.nn.Module):
 
     def forward(self, m_logits: torch.Tensor) -> torch.Tensor:
         return torch.topk(m_logits.float(), 1).indices
+
+
+class PenaltySampleHead(torch.nn.Module):
+    """m_logits [1,V], input_ids int32 [1,SEQ], top_p, temperature, penalty [1] -> probs, tokens [1, top_k].
+
+    Repetition penalty on the ids seen so far, then top-k, temperature and top-p (keeping at least
+    `min_keep` candidates); the device runtime draws from `probs` over `tokens`.
+    """
+
+    def __init__(self, top_k: int = 50, min_keep: int = 5) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.register_buffer("always_keep", torch.arange(top_k)[None] < min_keep, persistent=False)
+
+    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+        logits = m_logits.float()
+        ids = input_ids.long()
+        seen = torch.gather(logits, 1, ids)
+        logits = logits.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+        top, tokens = torch.topk(logits, self.top_k)
+        top = top / temperature
+        keep = (top.softmax(dim=1).cumsum(dim=1) < top_p) | self.always_keep
+        probs = torch.where(keep, top, torch.full_like(top, -1000.0)).softmax(dim=1)
+        return probs, tokens

@@ -22,7 +22,7 @@ import torch
 from surgery.apply import RECORD, tool_versions
 from surgery.errors import SurgeryError
 from surgery.export.arch import SPECS, ArchSpec
-from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, Prefill
+from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, PenaltySampleHead, Prefill
 from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
 
@@ -125,6 +125,10 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) ->
     jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"]))
     jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
                     {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype)}, ["token"]))
+    jobs.append(Job("penalty_sample_head", "penalty_sample_head", PenaltySampleHead(),
+                    {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype), "input_ids": ids,
+                     "top_p": torch.tensor([0.8]), "temperature": torch.tensor([0.7]),
+                     "penalty": torch.tensor([1.1])}, ["probs", "tokens"]))
     return jobs
 
 
@@ -216,6 +220,7 @@ def _version(dist: str) -> str:
     return metadata.version(dist)
 
 
+SAMPLING = {"top_p": 0.8, "temperature": 0.7, "penalty": 1.1}
 DECODE_POSITION = 6  # parity inputs for decode graphs: a token at position 6 with 6 valid history slots
 
 
@@ -226,6 +231,8 @@ def random_inputs(graph: GraphSpec, vocab: int, seed: int = 0) -> dict[str, np.n
     for t in graph.inputs:
         if t.name == "input_ids":
             value = rng.integers(0, vocab, t.shape)
+        elif t.name in SAMPLING:
+            value = np.full(t.shape, SAMPLING[t.name])
         elif t.name == "position_ids":
             value = np.arange(t.shape[-1])[None] if graph.kind == "block" else np.full(t.shape, DECODE_POSITION)
         elif t.name == "attention_mask" and graph.kind == "block":

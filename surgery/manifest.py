@@ -29,7 +29,7 @@ class TensorSpec:
 class GraphSpec:
     name: str
     file: str
-    kind: str  # embedding | embedding_cache | block | block_cache | lm_head | greedy_head
+    kind: str  # embedding | embedding_cache | block | block_cache | lm_head | greedy_head | penalty_sample_head
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     sha256: str

@@ -144,3 +144,18 @@ def test_half_precision_exports(qwen_patched: Path, tmp_path: Path):
     export_model(qwen_patched, bf16, ExportOptions(seq_length=SEQ, dtype="bf16", trust_remote_code=True))
     with pytest.raises(SurgeryError, match="numpy, which has no bfloat16"):
         OnnxModel(bf16)
+
+
+def test_penalty_sample_head_semantics():
+    from surgery.export.blocks import PenaltySampleHead
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.5, 0.5, -1.0, -2.0, -3.0]])
+    head = PenaltySampleHead(top_k=4, min_keep=2)
+    probs, tokens = head(logits, torch.tensor([[0, 0]], dtype=torch.int32), torch.tensor([0.01]),
+                         torch.tensor([1.0]), torch.tensor([3.0]))
+    assert tokens.tolist() == [[1, 2, 3, 0]]  # token 0 was seen: 4.0 / 3 drops below 1.5
+    assert torch.allclose(probs.sum(), torch.tensor(1.0))
+    assert (probs[0, :2] > 0.01).all() and (probs[0, 2:] < 1e-6).all()  # top_p tiny: only min_keep survive
+    probs, _ = head(logits, torch.tensor([[7, 7]], dtype=torch.int32), torch.tensor([1.0]), torch.tensor([1.0]),
+                    torch.tensor([1.0]))
+    assert probs[0, 0] > probs[0, 1] > probs[0, 2] > 0  # penalty 1: plain softmax over the top candidates
