@@ -11,22 +11,26 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from surgery.apply import RECORD, tool_versions
 from surgery.errors import SurgeryError
 from surgery.export.arch import SPECS, ArchSpec
 from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, PenaltySampleHead, Prefill
+from surgery.export.weights import Resident, SafetensorsIndex, parameters_on_meta
 from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
 
 STATE = ".export-state.json"
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes; protobuf caps one file at 2 GiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "qwen.tiktoken", "tokenization_qwen.py", "generation_config.json")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +43,7 @@ class ExportOptions:
     blocks: tuple[int, ...] | None = None  # None: every layer
     opset: int = 17
     trust_remote_code: bool = False
+    external_data_above: int = EXTERNAL_DATA_ABOVE
 
 
 @dataclass
@@ -51,10 +56,11 @@ class Job:
     inputs: dict[str, torch.Tensor]
     outputs: list[str]
     layer: int | None = None
+    needs: tuple[str, ...] = ()  # submodules whose weights must be loaded
 
 
-def load_patched(model_dir: Path, options: ExportOptions) -> tuple[torch.nn.Module, dict]:
-    """Load a directory written by `surgery apply` (remote code only with explicit consent)."""
+def check_source(model_dir: Path, options: ExportOptions) -> dict:
+    """Preflight a directory written by `surgery apply`; return its config (nothing is loaded or run)."""
     record_path = model_dir / RECORD
     if not model_dir.is_dir() or not record_path.is_file():
         raise SurgeryError(f"{model_dir} was not produced by `surgery apply`; run `surgery apply <pack> "
@@ -67,15 +73,43 @@ def load_patched(model_dir: Path, options: ExportOptions) -> tuple[torch.nn.Modu
         raise SurgeryError(f"export has no spec for model_type {config.get('model_type')!r} "
                            f"(known: {', '.join(SPECS)})")
     check_weights(model_dir)
-    from transformers import AutoModelForCausalLM
+    return config
 
+
+def _loading(model_dir: Path, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code,
-                                                     dtype=DTYPES[options.dtype])
+        return build().eval()
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SurgeryError(f"cannot load {model_dir}: {first}; check the weights files") from None
-    return model.eval(), config
+
+
+def load_full(model_dir: Path, options: ExportOptions) -> tuple[torch.nn.Module, dict]:
+    """The whole model in memory (what per-model export scripts do; kept for comparison in bench/)."""
+    config = check_source(model_dir, options)
+    from transformers import AutoModelForCausalLM
+
+    model = _loading(model_dir, lambda: AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=options.trust_remote_code, dtype=DTYPES[options.dtype]))
+    return model, config
+
+
+def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, dict]:
+    """A parameter-less skeleton plus a loader that holds one module's weights at a time."""
+    config = check_source(model_dir, options)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build() -> torch.nn.Module:
+        cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code)
+        with parameters_on_meta():
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=options.trust_remote_code,
+                                                    dtype=DTYPES[options.dtype])
+
+    model = _loading(model_dir, build)
+    spec = SPECS[config["model_type"]]
+    aliases = ({f"{spec.lm_head}.weight": f"{spec.embedding}.weight"}
+               if config.get("tie_word_embeddings") else {})
+    return Resident(model, SafetensorsIndex(model_dir), DTYPES[options.dtype], aliases), config
 
 
 def check_weights(model_dir: Path) -> None:
@@ -108,21 +142,24 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) ->
     states = torch.randn(1, seq, hidden, dtype=dtype, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq, dtype=torch.int32)[None]
     jobs = [
-        Job("embedding", "embedding", Embedding(wte), {"input_ids": ids}, ["input_states"]),
-        Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"]),
+        Job("embedding", "embedding", Embedding(wte), {"input_ids": ids}, ["input_states"],
+            needs=(spec.embedding,)),
+        Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"],
+            needs=(spec.embedding,)),
     ]
     history = torch.randn(1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
     for i in chosen:
         jobs.append(Job(f"block_{i}", "block", Prefill(spec, layers[i], cos, sin),
                         {"input_states": states, "position_ids": pos, "attention_mask": mask},
-                        ["hidden_states", "past_k", "past_v"], layer=i))
+                        ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
         jobs.append(Job(f"block_cache_{i}", "block_cache", Decode(spec, layers[i], cos, sin),
                         {"input_states": states[:, :1], "position_ids": pos[:, :1],
                          "attention_mask": torch.zeros(1, 1, 1, seq + 1, dtype=dtype),
                          "history_k": history, "history_v": history},
-                        ["hidden_states", "past_k", "past_v"], layer=i))
+                        ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
     head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head))
-    jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"]))
+    jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"],
+                    needs=(spec.final_norm, spec.lm_head)))
     jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
                     {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype)}, ["token"]))
     jobs.append(Job("penalty_sample_head", "penalty_sample_head", PenaltySampleHead(),
@@ -136,16 +173,42 @@ def _np_dtype(t: torch.Tensor) -> str:
     return "bfloat16" if t.dtype == torch.bfloat16 else str(t.detach().numpy().dtype)
 
 
-def export_job(job: Job, path: Path, opset: int) -> list[TensorSpec]:
-    """Export one wrapper to `path` atomically; return its output specs (from a torch run)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        outs = job.module(*job.inputs.values())
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.onnx.export(job.module, tuple(job.inputs.values()), str(tmp), input_names=list(job.inputs),
-                          output_names=job.outputs, opset_version=opset, dynamo=False, do_constant_folding=True)
-    os.replace(tmp, path)
+def data_file(path: Path) -> Path:
+    """Where a graph's weights go when they are stored outside the .onnx file."""
+    return path.with_name(path.name + ".data")
+
+
+def export_job(job: Job, path: Path, opset: int, external_above: int = EXTERNAL_DATA_ABOVE) -> list[TensorSpec]:
+    """Export one wrapper to `path` atomically; return its output specs (from a torch run).
+
+    Graphs larger than `external_above` bytes keep their weights in one `<name>.onnx.data` file beside them
+    (protobuf cannot hold more than 2 GiB); the data file is moved into place before the graph.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        tmp = stage / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = job.module(*job.inputs.values())
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            torch.onnx.export(job.module, tuple(job.inputs.values()), str(tmp), input_names=list(job.inputs),
+                              output_names=job.outputs, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+        written = list(stage.iterdir())
+        data = data_file(path)
+        if len(written) > 1 or sum(f.stat().st_size for f in written) > external_above:
+            model = onnx.load(str(tmp))  # also reads any per-tensor files the exporter wrote
+            for extra in written:
+                extra.unlink()
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            del model
+            os.replace(stage / data.name, data)
+        elif data.exists():
+            data.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return [TensorSpec(n, list(o.shape), _np_dtype(o)) for n, o in zip(job.outputs, outs, strict=True)]
 
 
@@ -153,7 +216,8 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
                  progress: Callable[[str], None] = lambda name: None) -> Manifest:
     """Export every graph of the block contract; resumes from `.export-state.json`."""
     model_dir = Path(model_dir)
-    model, config = load_patched(model_dir, options)
+    resident, config = load_streaming(model_dir, options)
+    model = resident.model
     spec = SPECS[config["model_type"]]
     n_layers = len(spec.part(model, spec.layers))
     if options.blocks is not None and any(not 0 <= b < n_layers for b in options.blocks):
@@ -171,15 +235,18 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     for job in plan_jobs(model, spec, options):
         path = out / f"{job.name}.onnx"
         done = state["graphs"].get(job.name)
-        if not (done and path.is_file() and sha256_file(path) == done["sha256"]):
+        if not (done and _hashes(path) == done["hashes"]):
             progress(job.name)
-            outputs = export_job(job, path, options.opset)
-            done = {"sha256": sha256_file(path), "outputs": [asdict(o) for o in outputs]}
+            resident.hold(job.needs)
+            outputs = export_job(job, path, options.opset, options.external_data_above)
+            done = {"hashes": _hashes(path), "outputs": [asdict(o) for o in outputs]}
             state["graphs"][job.name] = done
             atomic_write_json(state_path, state)
         inputs = [TensorSpec(n, list(t.shape), _np_dtype(t)) for n, t in job.inputs.items()]
-        graphs.append(GraphSpec(job.name, path.name, job.kind, inputs,
-                                [TensorSpec.of(o) for o in done["outputs"]], done["sha256"], job.layer))
+        data = data_file(path)
+        graphs.append(GraphSpec(job.name, path.name, job.kind, inputs, [TensorSpec.of(o) for o in done["outputs"]],
+                                done["hashes"][path.name], job.layer,
+                                data_file=data.name if data.exists() else None))
     tokenizer = _copy_tokenizer(model_dir, out)
     cfg = model.config
     manifest = Manifest(
@@ -207,6 +274,13 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> dict:
     if "tokenizer_config.json" in files:
         info["chat_template"] = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
     return info
+
+
+def _hashes(path: Path) -> dict[str, str] | None:
+    """sha256 of a graph file and of its external data file, if any; None when the graph is missing."""
+    if not path.is_file():
+        return None
+    return {p.name: sha256_file(p) for p in (path, data_file(path)) if p.is_file()}
 
 
 def _weights_fingerprint(model_dir: Path) -> dict[str, list[int]]:

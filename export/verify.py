@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from surgery.export.arch import SPECS
-from surgery.export.exporter import ExportOptions, load_patched, plan_jobs, random_inputs
+from surgery.export.exporter import ExportOptions, load_streaming, plan_jobs, random_inputs
 from surgery.manifest import Manifest
 from surgery.parity import Parity, compare
 
@@ -20,13 +20,14 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False) -> list[Parit
     layers = sorted({g.layer for g in manifest.graphs if g.layer is not None})
     options = ExportOptions(seq_length=manifest.seq_length, dtype=manifest.dtype, opset=manifest.opset,
                             blocks=tuple(layers), trust_remote_code=trust_remote_code)
-    model, config = load_patched(Path(manifest.source["model_dir"]), options)
-    jobs = {job.name: job for job in plan_jobs(model, SPECS[config["model_type"]], options)}
+    resident, config = load_streaming(Path(manifest.source["model_dir"]), options)
+    jobs = {job.name: job for job in plan_jobs(resident.model, SPECS[config["model_type"]], options)}
     rows = []
     for graph in manifest.graphs:
         feeds = random_inputs(graph, manifest.vocab_size)
         session = ort.InferenceSession(str(onnx_dir / graph.file), providers=["CPUExecutionProvider"])
         got = session.run(None, feeds)
+        resident.hold(jobs[graph.name].needs)
         with torch.no_grad():
             want = jobs[graph.name].module(*(torch.from_numpy(feeds[t.name]) for t in graph.inputs))
         want = want if isinstance(want, tuple) else (want,)

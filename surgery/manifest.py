@@ -34,11 +34,12 @@ class GraphSpec:
     outputs: list[TensorSpec]
     sha256: str
     layer: int | None = None
+    data_file: str | None = None  # external weights beside the graph (graphs over ~1.8 GB)
 
     @classmethod
     def of(cls, raw: dict) -> GraphSpec:
         return cls(raw["name"], raw["file"], raw["kind"], [TensorSpec.of(t) for t in raw["inputs"]],
-                   [TensorSpec.of(t) for t in raw["outputs"]], raw["sha256"], raw.get("layer"))
+                   [TensorSpec.of(t) for t in raw["outputs"]], raw["sha256"], raw.get("layer"), raw.get("data_file"))
 
 
 @dataclass

@@ -159,3 +159,21 @@ def test_penalty_sample_head_semantics():
     probs, _ = head(logits, torch.tensor([[7, 7]], dtype=torch.int32), torch.tensor([1.0]), torch.tensor([1.0]),
                     torch.tensor([1.0]))
     assert probs[0, 0] > probs[0, 1] > probs[0, 2] > 0  # penalty 1: plain softmax over the top candidates
+
+
+def test_large_graphs_keep_weights_in_one_data_file(qwen_patched: Path, onnx_dir: Path, tmp_path: Path):
+    out = tmp_path / "ext"
+    # every graph with more than 100 kB of weights goes external, as a >2 GB graph would
+    export_model(qwen_patched, out, ExportOptions(seq_length=SEQ, trust_remote_code=True,
+                                                  external_data_above=100_000))
+    manifest = Manifest.read(out)
+    external = {g.name for g in manifest.graphs if g.data_file}
+    assert {"embedding", "block_0", "block_cache_1", "lm_head"} <= external and "greedy_head" not in external
+    for graph in manifest.graphs:
+        model = onnx.load(out / graph.file, load_external_data=False)
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == ({graph.data_file} if graph.data_file else set())
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == sorted(
+        g.data_file for g in manifest.graphs if g.data_file)
+    prompt = prompt_ids()
+    assert OnnxModel(out).generate(prompt, 8).tokens == OnnxModel(onnx_dir).generate(prompt, 8).tokens
