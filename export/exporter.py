@@ -30,6 +30,7 @@ from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
 
 STATE = ".export-state.json"
+EMBEDDING_FILE = "embedding.bin"
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes; protobuf caps one file at 2 GiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "qwen.tiktoken", "tokenization_qwen.py", "generation_config.json")
@@ -44,6 +45,7 @@ class ExportOptions:
     opset: int = 17
     trust_remote_code: bool = False
     external_data_above: int = EXTERNAL_DATA_ABOVE
+    embedding_disk: bool = False  # a raw bf16 table for the host instead of embedding graphs
 
 
 @dataclass
@@ -141,7 +143,7 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) ->
     mask = torch.full((seq, seq), -10000.0).triu(1)[None, None].to(dtype)
     states = torch.randn(1, seq, hidden, dtype=dtype, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq, dtype=torch.int32)[None]
-    jobs = [
+    jobs = [] if options.embedding_disk else [
         Job("embedding", "embedding", Embedding(wte), {"input_ids": ids}, ["input_states"],
             needs=(spec.embedding,)),
         Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"],
@@ -247,6 +249,20 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         graphs.append(GraphSpec(job.name, path.name, job.kind, inputs, [TensorSpec.of(o) for o in done["outputs"]],
                                 done["hashes"][path.name], job.layer,
                                 data_file=data.name if data.exists() else None))
+    embedding_file = None
+    if options.embedding_disk:
+        path = out / EMBEDDING_FILE
+        done = state["graphs"].get(EMBEDDING_FILE)
+        if not (done and _hashes(path) == done["hashes"]):
+            progress(EMBEDDING_FILE)
+            resident.hold([spec.embedding])
+            write_bf16_table(spec.part(model, spec.embedding).weight, path)
+            state["graphs"][EMBEDDING_FILE] = {"hashes": _hashes(path)}
+            atomic_write_json(state_path, state)
+        embedding_file = {"file": EMBEDDING_FILE, "dtype": "bfloat16", "rounding": "nearest-even",
+                          "shape": [model.config.vocab_size, model.config.hidden_size],
+                          "sha256": _hashes(path)[EMBEDDING_FILE]}
+    resident.hold([])
     tokenizer = _copy_tokenizer(model_dir, out)
     cfg = model.config
     manifest = Manifest(
@@ -256,6 +272,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         vocab_size=cfg.vocab_size, dtype=options.dtype, opset=options.opset, exporter="torchscript",
         graphs=graphs, bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
         chat_template=tokenizer.get("chat_template"), tokenizer_files=tokenizer["files"],
+        embedding_file=embedding_file,
         source={"model_dir": str(model_dir.resolve()), "pack": record["pack"], "hashes": record["hashes"]},
         versions=tool_versions() | {"onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
     )
@@ -274,6 +291,16 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> dict:
     if "tokenizer_config.json" in files:
         info["chat_template"] = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
     return info
+
+
+def write_bf16_table(weight: torch.Tensor, path: Path, rows: int = 8192) -> None:
+    """The embedding table as raw little-endian bf16, rounded to nearest even (not truncated), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        for start in range(0, weight.shape[0], rows):
+            chunk = weight[start:start + rows].detach().to(torch.bfloat16).contiguous()
+            fh.write(chunk.view(torch.int16).numpy().astype("<i2").tobytes())
+    os.replace(tmp, path)
 
 
 def _hashes(path: Path) -> dict[str, str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from surgery.export.arch import SPECS
@@ -33,4 +34,14 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False) -> list[Parit
         want = want if isinstance(want, tuple) else (want,)
         rows += [compare(graph.name, spec.name, g, w.numpy())
                  for spec, g, w in zip(graph.outputs, got, want, strict=True)]
+    if manifest.embedding_file:
+        from surgery.runtime import OnnxModel
+
+        spec = SPECS[config["model_type"]]
+        resident.hold([spec.embedding])
+        ids = np.arange(manifest.vocab_size)[None]
+        table = OnnxModel(onnx_dir).embed(ids)
+        rounded = spec.part(resident.model, spec.embedding).weight.detach().to(torch.bfloat16).float()
+        rows.append(compare(manifest.embedding_file["file"], "table (vs bf16 round-to-nearest)", table,
+                            rounded.numpy()[None]))
     return rows

@@ -167,6 +167,8 @@ def export_cmd(
     dtype: Annotated[Dtype, typer.Option(help="Precision of the exported graphs.")] = Dtype.fp32,
     blocks: Annotated[str | None, typer.Option(help="Layers to export, e.g. 0-3 (default: all).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (vendor compilers reject newer than 17).")] = 17,
+    embedding_disk: Annotated[bool, typer.Option("--embedding-disk", help="Write the embedding as a raw bf16 "
+                                                 "table (round to nearest) for the host instead of graphs.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                     help="Allow running the model's own modeling code.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
@@ -180,7 +182,7 @@ def export_cmd(
     from surgery.export.exporter import ExportOptions, export_model
 
     options = ExportOptions(seq_length=seq_length, dtype=dtype.value, blocks=_parse_blocks(blocks), opset=opset,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, embedding_disk=embedding_disk)
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("exporting", total=None)
         manifest = export_model(model, out_dir, options,

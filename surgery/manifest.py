@@ -61,6 +61,7 @@ class Manifest:
     eos_token_id: int | list[int] | None = None
     chat_template: str | None = None
     tokenizer_files: list[str] = field(default_factory=list)
+    embedding_file: dict | None = None  # with --embedding-disk: {file, dtype bfloat16, shape, rounding, sha256}
     conventions: dict = field(default_factory=lambda: {
         "kv_layout": "BSHD [1, seq, kv_heads, head_dim]",
         "mask": {"kind": "additive", "value": MASK_VALUE,

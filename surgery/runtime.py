@@ -41,6 +41,17 @@ class OnnxModel:
             raise SurgeryError(f"{self.dir} holds blocks {layers}, not all {self.manifest.num_layers} layers; "
                                "export without --blocks to run it")
         self.float = np.dtype(self.manifest.graph("block_0").inputs[0].dtype)
+        table = self.manifest.embedding_file
+        self.table = (np.memmap(self.dir / table["file"], dtype="<u2", mode="r", shape=tuple(table["shape"]))
+                      if table else None)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [1, S] -> [1, S, H] from the embedding graph, or from the bf16 table on disk."""
+        if self.table is None:
+            name = "embedding" if ids.shape[1] > 1 else "embedding_cache"
+            return self.run(name, input_ids=ids.astype(np.int32))[0]
+        bits = self.table[ids[0]].astype(np.uint32) << 16
+        return bits.view(np.float32)[None].astype(self.float)
 
     def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.sessions[name].run(None, feeds)
@@ -54,7 +65,7 @@ class OnnxModel:
         start = time.perf_counter()
         ids = np.zeros((1, seq), np.int32)
         ids[0, :n] = prompt
-        hidden = self.run("embedding", input_ids=ids)[0]
+        hidden = self.embed(ids)
         pos = np.zeros((1, seq), np.int32)
         pos[0, :n] = np.arange(n)
         rows = np.arange(seq)
@@ -72,7 +83,7 @@ class OnnxModel:
         while len(tokens) < max_new_tokens and length <= seq and not (eos and token in eos):
             t0 = time.perf_counter()
             p = length - 1
-            hidden = self.run("embedding_cache", input_ids=np.array([[token]], np.int32))[0]
+            hidden = self.embed(np.array([[token]], np.int32))
             slots = np.arange(seq + 1)
             dmask = np.where((slots < p) | (slots == seq), 0.0, MASK_VALUE)[None, None, None].astype(self.float)
             for i in range(m.num_layers):

@@ -7,9 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from surgery.errors import SurgeryError
@@ -177,3 +179,19 @@ def test_large_graphs_keep_weights_in_one_data_file(qwen_patched: Path, onnx_dir
         g.data_file for g in manifest.graphs if g.data_file)
     prompt = prompt_ids()
     assert OnnxModel(out).generate(prompt, 8).tokens == OnnxModel(onnx_dir).generate(prompt, 8).tokens
+
+
+def test_embedding_disk_writes_rounded_bf16_table(qwen_patched: Path, onnx_dir: Path, tmp_path: Path):
+    out = tmp_path / "disk"
+    export_model(qwen_patched, out, ExportOptions(seq_length=SEQ, trust_remote_code=True, embedding_disk=True))
+    manifest = Manifest.read(out)
+    assert not {"embedding", "embedding_cache"} & {g.name for g in manifest.graphs}
+    assert manifest.embedding_file["rounding"] == "nearest-even" and manifest.embedding_file["shape"] == [512, 64]
+    raw = np.fromfile(out / "embedding.bin", dtype="<u2").reshape(512, 64)
+    fp32 = load_file(str(qwen_patched / "model.safetensors"))["transformer.wte.weight"]
+    nearest = fp32.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
+    truncated = (fp32.numpy().view(np.uint32) >> 16).astype("<u2")
+    assert np.array_equal(raw, nearest) and not np.array_equal(raw, truncated)
+    rows = verify_export(out, trust_remote_code=True)
+    assert [r.cosine for r in rows if r.graph == "embedding.bin"] == [1.0]
+    assert len(OnnxModel(out).generate(prompt_ids(), 8).tokens) == 8
