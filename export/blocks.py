@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from surgery.export.arch import ArchSpec
 
@@ -26,7 +27,8 @@ class _Block(torch.nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[position_ids], self.sin[position_ids]
+        # embedding() becomes a plain Gather, which takes int32 indices (GatherND would need int64)
+        return F.embedding(position_ids, self.cos), F.embedding(position_ids, self.sin)
 
 
 class Prefill(_Block):

@@ -31,7 +31,7 @@ from surgery.manifest import GraphSpec, Manifest, TensorSpec
 
 STATE = ".export-state.json"
 EMBEDDING_FILE = "embedding.bin"
-EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes; protobuf caps one file at 2 GiB
+EXTERNAL_DATA_ABOVE = 512 << 20  # bytes: weights (and graphs) above this live in <graph>.onnx.data
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "qwen.tiktoken", "tokenization_qwen.py", "generation_config.json")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,6 +46,7 @@ class ExportOptions:
     trust_remote_code: bool = False
     external_data_above: int = EXTERNAL_DATA_ABOVE
     embedding_disk: bool = False  # a raw bf16 table for the host instead of embedding graphs
+    exporter: str = "torchscript"  # or "dynamo" (torch.export based; may raise the opset to 18)
 
 
 @dataclass
@@ -149,7 +150,8 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) ->
         Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"],
             needs=(spec.embedding,)),
     ]
-    history = torch.randn(1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    # two distinct tensors: torch.export merges inputs that are the same object into one graph input
+    history_k, history_v = torch.randn(2, 1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
     for i in chosen:
         jobs.append(Job(f"block_{i}", "block", Prefill(spec, layers[i], cos, sin),
                         {"input_states": states, "position_ids": pos, "attention_mask": mask},
@@ -157,7 +159,7 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, options: ExportOptions) ->
         jobs.append(Job(f"block_cache_{i}", "block_cache", Decode(spec, layers[i], cos, sin),
                         {"input_states": states[:, :1], "position_ids": pos[:, :1],
                          "attention_mask": torch.zeros(1, 1, 1, seq + 1, dtype=dtype),
-                         "history_k": history, "history_v": history},
+                         "history_k": history_k, "history_v": history_v},
                         ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
     head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head))
     jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"],
@@ -180,31 +182,90 @@ def data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def export_job(job: Job, path: Path, opset: int, external_above: int = EXTERNAL_DATA_ABOVE) -> list[TensorSpec]:
+class _ParamsAsInputs(torch.nn.Module):
+    """Calls `module` with the named parameters taken from trailing inputs, so the exporter sees them as
+    graph inputs and never copies them (the TorchScript exporter holds several copies of every weight)."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.slots = [(module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in names]
+
+    def forward(self, *args: torch.Tensor):
+        n = len(args) - len(self.slots)
+        saved = [owner._parameters[leaf] for owner, leaf in self.slots]
+        try:
+            for (owner, leaf), tensor in zip(self.slots, args[n:], strict=True):
+                owner._parameters[leaf] = tensor  # a plain tensor for the trace; restored below
+            return self.module(*args[:n])
+        finally:
+            for (owner, leaf), param in zip(self.slots, saved, strict=True):
+                owner._parameters[leaf] = param
+
+
+def _inputs_to_external(model: onnx.ModelProto, tensors: dict[str, torch.Tensor], data: Path) -> None:
+    """Turn graph inputs into initializers whose bytes are written to `data` straight from torch memory."""
+    offset = 0
+    with open(data, "wb") as fh:
+        for name, tensor in tensors.items():
+            tensor = tensor.detach().contiguous()
+            if tensor.dtype == torch.bfloat16:
+                array, dtype = tensor.view(torch.int16).numpy(), onnx.TensorProto.BFLOAT16
+            else:
+                array = tensor.numpy()
+                dtype = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            fh.write(memoryview(array).cast("B"))
+            init = onnx.TensorProto(name=name, data_type=dtype, dims=array.shape,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            model.graph.initializer.append(init)
+            offset += array.nbytes
+    kept = [i for i in model.graph.input if i.name not in tensors]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+
+
+def export_job(job: Job, path: Path, opset: int, external_above: int = EXTERNAL_DATA_ABOVE,
+               exporter: str = "torchscript") -> list[TensorSpec]:
     """Export one wrapper to `path` atomically; return its output specs (from a torch run).
 
-    Graphs larger than `external_above` bytes keep their weights in one `<name>.onnx.data` file beside them
-    (protobuf cannot hold more than 2 GiB); the data file is moved into place before the graph.
+    Weights bigger than `external_above` bytes (vocab tables) are passed to the TorchScript exporter as
+    inputs and then written once, straight from memory, into `<name>.onnx.data`; a whole graph over that
+    size is re-saved with its weights there too (protobuf caps a file at 2 GiB). The data file is moved
+    into place before the graph.
     """
     stage = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    data = data_file(path)
     try:
         tmp = stage / path.name
+        big = ({name: p for name, p in job.module.named_parameters() if p.numel() * p.element_size() > external_above}
+               if exporter == "torchscript" else {})
+        module = _ParamsAsInputs(job.module, list(big)) if big else job.module
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outs = job.module(*job.inputs.values())
             outs = outs if isinstance(outs, tuple) else (outs,)
-            torch.onnx.export(job.module, tuple(job.inputs.values()), str(tmp), input_names=list(job.inputs),
-                              output_names=job.outputs, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
+            args = (module, (*job.inputs.values(), *big.values()), str(tmp))
+            names = {"input_names": [*job.inputs, *big], "output_names": job.outputs, "opset_version": opset}
+            if exporter == "dynamo":
+                torch.onnx.export(*args, **names, dynamo=True, optimize=True, verbose=False)
+            else:
+                torch.onnx.export(*args, **names, dynamo=False, do_constant_folding=True)
         written = list(stage.iterdir())
-        data = data_file(path)
-        if len(written) > 1 or sum(f.stat().st_size for f in written) > external_above:
+        if big:
+            model = onnx.load(str(tmp))
+            _inputs_to_external(model, big, stage / data.name)
+            onnx.save_model(model, str(tmp))
+        elif len(written) > 1 or sum(f.stat().st_size for f in written) > external_above:
             model = onnx.load(str(tmp))  # also reads any per-tensor files the exporter wrote
             for extra in written:
                 extra.unlink()
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
             del model
+        if (stage / data.name).exists():
             os.replace(stage / data.name, data)
         elif data.exists():
             data.unlink()
@@ -240,7 +301,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         if not (done and _hashes(path) == done["hashes"]):
             progress(job.name)
             resident.hold(job.needs)
-            outputs = export_job(job, path, options.opset, options.external_data_above)
+            outputs = export_job(job, path, options.opset, options.external_data_above, options.exporter)
             done = {"hashes": _hashes(path), "outputs": [asdict(o) for o in outputs]}
             state["graphs"][job.name] = done
             atomic_write_json(state_path, state)
@@ -269,7 +330,8 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         model_type=config["model_type"], architecture=(config.get("architectures") or ["?"])[0],
         seq_length=options.seq_length, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
         num_kv_heads=spec.num_kv_heads(cfg), head_dim=spec.head_dim(cfg), num_layers=n_layers,
-        vocab_size=cfg.vocab_size, dtype=options.dtype, opset=options.opset, exporter="torchscript",
+        vocab_size=cfg.vocab_size, dtype=options.dtype, opset=max(_opset(out / g.file) for g in graphs),
+        exporter=options.exporter,
         graphs=graphs, bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
         chat_template=tokenizer.get("chat_template"), tokenizer_files=tokenizer["files"],
         embedding_file=embedding_file,
@@ -301,6 +363,12 @@ def write_bf16_table(weight: torch.Tensor, path: Path, rows: int = 8192) -> None
             chunk = weight[start:start + rows].detach().to(torch.bfloat16).contiguous()
             fh.write(chunk.view(torch.int16).numpy().astype("<i2").tobytes())
     os.replace(tmp, path)
+
+
+def _opset(path: Path) -> int:
+    """The default-domain opset a graph was really written with (dynamo may raise the one asked for)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _hashes(path: Path) -> dict[str, str] | None:

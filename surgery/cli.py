@@ -30,6 +30,11 @@ class Dtype(StrEnum):
     bf16 = "bf16"
 
 
+class Exporter(StrEnum):
+    torchscript = "torchscript"
+    dynamo = "dynamo"
+
+
 class FixtureRevision(StrEnum):
     nov = "2023-11"
     dec = "2023-12"
@@ -167,6 +172,8 @@ def export_cmd(
     dtype: Annotated[Dtype, typer.Option(help="Precision of the exported graphs.")] = Dtype.fp32,
     blocks: Annotated[str | None, typer.Option(help="Layers to export, e.g. 0-3 (default: all).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (vendor compilers reject newer than 17).")] = 17,
+    exporter: Annotated[Exporter, typer.Option(help="torch.onnx exporter; dynamo may write opset 18.")
+                        ] = Exporter.torchscript,
     embedding_disk: Annotated[bool, typer.Option("--embedding-disk", help="Write the embedding as a raw bf16 "
                                                  "table (round to nearest) for the host instead of graphs.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
@@ -182,7 +189,8 @@ def export_cmd(
     from surgery.export.exporter import ExportOptions, export_model
 
     options = ExportOptions(seq_length=seq_length, dtype=dtype.value, blocks=_parse_blocks(blocks), opset=opset,
-                            trust_remote_code=trust_remote_code, embedding_disk=embedding_disk)
+                            trust_remote_code=trust_remote_code, embedding_disk=embedding_disk,
+                            exporter=exporter.value)
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("exporting", total=None)
         manifest = export_model(model, out_dir, options,
@@ -190,7 +198,11 @@ def export_cmd(
     if as_json:
         _emit_json({"out": str(out_dir), "graphs": [g.file for g in manifest.graphs]})
     else:
-        out.print(f"wrote {len(manifest.graphs)} graphs and manifest.json to [bold]{out_dir}[/]")
+        out.print(f"wrote {len(manifest.graphs)} graphs (opset {manifest.opset}) and manifest.json "
+                  f"to [bold]{out_dir}[/]")
+        if manifest.opset > opset:
+            err.print(f"[yellow]note:[/] the {exporter.value} exporter wrote opset {manifest.opset}; compilers that "
+                      f"need {opset} want the torchscript exporter")
 
 
 @app.command("verify")

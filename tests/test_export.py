@@ -195,3 +195,14 @@ def test_embedding_disk_writes_rounded_bf16_table(qwen_patched: Path, onnx_dir: 
     rows = verify_export(out, trust_remote_code=True)
     assert [r.cosine for r in rows if r.graph == "embedding.bin"] == [1.0]
     assert len(OnnxModel(out).generate(prompt_ids(), 8).tokens) == 8
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dynamo_exporter_matches_torchscript(qwen_patched: Path, onnx_dir: Path, tmp_path: Path):
+    out = tmp_path / "dynamo"
+    manifest = export_model(qwen_patched, out, ExportOptions(seq_length=SEQ, trust_remote_code=True,
+                                                             exporter="dynamo"))
+    assert manifest.exporter == "dynamo" and manifest.opset >= 17
+    assert min(r.cosine for r in verify_export(out, trust_remote_code=True)) >= 0.99999
+    prompt = prompt_ids()
+    assert OnnxModel(out).generate(prompt, 16).tokens == OnnxModel(onnx_dir).generate(prompt, 16).tokens
