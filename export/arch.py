@@ -55,4 +55,28 @@ QWEN_V1 = ArchSpec(
     head_dim=lambda c: c.kv_channels,
 )
 
-SPECS = {t: spec for spec in (QWEN_V1,) for t in spec.model_types}
+def _native_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(seq)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    cos, sin = model.model.rotary_emb(probe, positions)  # [1, seq, D], attention scaling applied
+    return cos[0].detach().clone(), sin[0].detach().clone()
+
+
+def _native_block(block, hidden, cos, sin, mask, past):
+    hidden, (k, v) = block(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=past)
+    return hidden, k, v
+
+
+NATIVE = ArchSpec(
+    model_types=("llama", "qwen2", "qwen3", "mistral", "phi3"),
+    embedding="model.embed_tokens",
+    layers="model.layers",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    rope_tables=_native_rope,
+    call_block=_native_block,
+    num_kv_heads=lambda c: c.num_key_value_heads,
+    head_dim=lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+)
+
+SPECS = {t: spec for spec in (QWEN_V1, NATIVE) for t in spec.model_types}

@@ -6,6 +6,7 @@ The model's code is parsed with libcst and never imported or executed.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import shutil
 import sys
@@ -105,6 +106,28 @@ def select_patches(pack: Pack, only: Sequence[str] = (), skip: Sequence[str] = (
             for f, patches in pack.files.items()}
 
 
+def transformers_dir() -> Path:
+    """The installed transformers package folder, found without importing it."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        raise SurgeryError("transformers is not installed; install the project (make setup)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def source_path(pack: Pack, model_dir: Path, filename: str) -> Path:
+    """The file a pack rewrites: the model's own copy, else (native packs) the installed transformers one."""
+    if (model_dir / filename).is_file():
+        return model_dir / filename
+    if filename in pack.sources:
+        path = transformers_dir() / pack.sources[filename]
+        if path.is_file():
+            return path
+        raise SurgeryError(f"the installed transformers has no {pack.sources[filename]}; pack {pack.name!r} "
+                           f"was checked with transformers {pack.checked_with}")
+    raise SurgeryError(f"{model_dir} has no {filename}, which pack {pack.name!r} rewrites; "
+                       "copy the model's remote code files in")
+
+
 def plan_apply(pack: Pack, model_dir: Path, options: ApplyOptions) -> Plan:
     """Run the pack's patches in memory. Raises SurgeryError when a required anchor is missing."""
     config, config_text = read_config(model_dir)
@@ -112,10 +135,7 @@ def plan_apply(pack: Pack, model_dir: Path, options: ApplyOptions) -> Plan:
     results: list[PatchResult] = []
     sources: dict[str, tuple[str, str]] = {}
     for filename, patches in select_patches(pack, options.only, options.skip).items():
-        path = model_dir / filename
-        if not path.is_file():
-            raise SurgeryError(f"{model_dir} has no {filename}, which pack {pack.name!r} rewrites; "
-                               "copy the model's remote code files in")
+        path = source_path(pack, model_dir, filename)
         before, module = parse_source(path)
         present = markers(module)
         for patch in patches:
@@ -147,11 +167,12 @@ def tool_versions() -> dict[str, str]:
 
 
 def _hashes(model_dir: Path, plan: Plan) -> dict[str, dict[str, str]]:
-    hashes = {}
+    hashes = {name: {"before": sha256_text(before), "after": sha256_text(after)}
+              for name, (before, after) in plan.sources.items()}
     for path in sorted(model_dir.glob("*.py")):
-        before = sha256_file(path)
-        after = sha256_text(plan.sources[path.name][1]) if path.name in plan.sources else before
-        hashes[path.name] = {"before": before, "after": after}
+        if path.name not in hashes:
+            digest = sha256_file(path)
+            hashes[path.name] = {"before": digest, "after": digest}
     hashes["config.json"] = {"before": sha256_file(model_dir / "config.json"),
                              "after": sha256_text(_config_text(plan.config[1]))}
     return hashes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from surgery.codemod import Patch
@@ -38,6 +38,8 @@ class Pack:
     config_edits: Callable[[ApplyOptions], Mapping[str, object]]
     checked_with: str  # the transformers versions the pack was checked against, e.g. ">=5.0,<6"
     load_only: tuple[str, ...] = ()  # patches that only make the unchanged model load on this transformers
+    # files taken from the installed transformers package (path inside it) when the model dir has none
+    sources: Mapping[str, str] = field(default_factory=dict)
 
 
 @cache
