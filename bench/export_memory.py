@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from surgery.apply import plan_apply, write_plan
-from surgery.export.arch import SPECS
+from surgery.export.arch import spec_for
 from surgery.export.exporter import ExportOptions, export_job, export_model, load_full, plan_jobs
 from surgery.fixtures.qwen_v1 import TinyQwenConfig, build
 from surgery.packs import ApplyOptions, get_pack
@@ -34,7 +34,7 @@ def child(path: str, model: Path, out: Path, seq: int) -> None:
     else:
         full, config = load_full(model, options)
         out.mkdir(parents=True, exist_ok=True)
-        for job in plan_jobs(full, SPECS[config["model_type"]], options):
+        for job in plan_jobs(full, spec_for(config["model_type"]), options):
             export_job(job, out / f"{job.name}.onnx", options.opset)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

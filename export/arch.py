@@ -68,7 +68,7 @@ def _native_block(block, hidden, cos, sin, mask, past):
 
 
 NATIVE = ArchSpec(
-    model_types=("llama", "qwen2", "qwen3", "mistral", "phi3"),
+    model_types=(),  # every pack built with patches.native.native_pack (see spec_for)
     embedding="model.embed_tokens",
     layers="model.layers",
     final_norm="model.norm",
@@ -79,4 +79,15 @@ NATIVE = ArchSpec(
     head_dim=lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
 )
 
-SPECS = {t: spec for spec in (QWEN_V1, NATIVE) for t in spec.model_types}
+SPECS = {t: spec for spec in (QWEN_V1,) for t in spec.model_types}
+
+
+def spec_for(model_type: str) -> ArchSpec | None:
+    """The export spec for a model type: a declared one, else NATIVE for families whose pack takes its
+    modeling file from transformers (so a pack scaffolded with `surgery port --like llama` exports too)."""
+    if model_type in SPECS:
+        return SPECS[model_type]
+    from surgery.packs import pack_for_model_type
+
+    pack = pack_for_model_type(model_type)
+    return NATIVE if pack is not None and pack.sources else None

@@ -23,7 +23,7 @@ import torch
 
 from surgery.apply import RECORD, tool_versions
 from surgery.errors import SurgeryError
-from surgery.export.arch import SPECS, ArchSpec
+from surgery.export.arch import ArchSpec, spec_for
 from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, PenaltySampleHead, Prefill
 from surgery.export.weights import Resident, SafetensorsIndex, parameters_on_meta
 from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
@@ -72,9 +72,9 @@ def check_source(model_dir: Path, options: ExportOptions) -> dict:
     if config.get("auto_map") and not options.trust_remote_code:
         raise SurgeryError(f"{model_dir} runs its own modeling code (auto_map); pass --trust-remote-code "
                            "if you trust it")
-    if config.get("model_type") not in SPECS:
-        raise SurgeryError(f"export has no spec for model_type {config.get('model_type')!r} "
-                           f"(known: {', '.join(SPECS)})")
+    if spec_for(str(config.get("model_type"))) is None:
+        raise SurgeryError(f"export has no spec for model_type {config.get('model_type')!r}; "
+                           "is there a pack for it (`surgery list`)?")
     check_weights(model_dir)
     return config
 
@@ -109,7 +109,7 @@ def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, d
                                                     dtype=DTYPES[options.dtype])
 
     model = _loading(model_dir, build)
-    spec = SPECS[config["model_type"]]
+    spec = spec_for(config["model_type"])
     aliases = ({f"{spec.lm_head}.weight": f"{spec.embedding}.weight"}
                if config.get("tie_word_embeddings") else {})
     return Resident(model, SafetensorsIndex(model_dir), DTYPES[options.dtype], aliases), config
@@ -281,7 +281,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     model_dir = Path(model_dir)
     resident, config = load_streaming(model_dir, options)
     model = resident.model
-    spec = SPECS[config["model_type"]]
+    spec = spec_for(config["model_type"])
     n_layers = len(spec.part(model, spec.layers))
     if options.blocks is not None and any(not 0 <= b < n_layers for b in options.blocks):
         raise SurgeryError(f"--blocks {','.join(map(str, options.blocks))} is out of range: the model has "

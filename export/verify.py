@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgery.export.arch import SPECS
+from surgery.export.arch import spec_for
 from surgery.export.exporter import ExportOptions, load_streaming, plan_jobs, random_inputs
 from surgery.manifest import Manifest
 from surgery.parity import Parity, compare
@@ -22,7 +22,7 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False) -> list[Parit
     options = ExportOptions(seq_length=manifest.seq_length, dtype=manifest.dtype, opset=manifest.opset,
                             blocks=tuple(layers), trust_remote_code=trust_remote_code)
     resident, config = load_streaming(Path(manifest.source["model_dir"]), options)
-    jobs = {job.name: job for job in plan_jobs(resident.model, SPECS[config["model_type"]], options)}
+    jobs = {job.name: job for job in plan_jobs(resident.model, spec_for(config["model_type"]), options)}
     rows = []
     for graph in manifest.graphs:
         feeds = random_inputs(graph, manifest.vocab_size)
@@ -37,7 +37,7 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False) -> list[Parit
     if manifest.embedding_file:
         from surgery.runtime import OnnxModel
 
-        spec = SPECS[config["model_type"]]
+        spec = spec_for(config["model_type"])
         resident.hold([spec.embedding])
         ids = np.arange(manifest.vocab_size)[None]
         table = OnnxModel(onnx_dir).embed(ids)

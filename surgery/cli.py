@@ -50,7 +50,7 @@ def _emit_json(data: object) -> None:
 
 @app.command("apply")
 def apply_cmd(
-    pack: Annotated[str, typer.Argument(help="Pack name (see `surgery list`).")],
+    pack: Annotated[str, typer.Argument(help="Pack name (see `surgery list`), or auto (from model_type).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Hugging Face model directory.")],
     out_dir: Annotated[Path | None, typer.Option("--out", "-o",
                                                  help="Output directory [default: MODEL-surgery].")] = None,
@@ -69,15 +69,15 @@ def apply_cmd(
 
     Example: surgery apply qwen --model ./Qwen-7B-Chat --seq-length 512
     """
-    from surgery.apply import default_out, plan_apply, write_plan
-    from surgery.packs import ApplyOptions, get_pack
+    from surgery.apply import default_out, plan_apply, read_config, write_plan
+    from surgery.packs import ApplyOptions, resolve_pack
 
-    chosen = get_pack(pack)
+    chosen = resolve_pack(pack, read_config(model)[0] if pack == "auto" else {})
     options = ApplyOptions(seq_length=seq_length, dtype=dtype.value if dtype else None,
                            only=chosen.load_only if load_only else _ids(only), skip=_ids(skip))
     plan = plan_apply(chosen, model, options)
     target = out_dir or default_out(model)
-    summary = {"pack": pack, "model": str(model), "out": None, "changed": plan.changed,
+    summary = {"pack": chosen.name, "model": str(model), "out": None, "changed": plan.changed,
                "patches": [r.as_dict() for r in plan.results]}
     if dry_run:
         if as_json:
@@ -91,7 +91,7 @@ def apply_cmd(
     if as_json:
         _emit_json(summary)
         return
-    table = Table(title=f"pack {pack} on {model}")
+    table = Table(title=f"pack {chosen.name} on {model}")
     for col in ("patch", "file", "outcome", "rule / reason"):
         table.add_column(col)
     for r in plan.results:
@@ -132,22 +132,44 @@ def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-reada
 
 @app.command("fixture")
 def fixture_cmd(
-    kind: Annotated[str, typer.Argument(help="Fixture family: qwen.")],
+    kind: Annotated[str, typer.Argument(help="Family: qwen (remote code), llama, qwen2, qwen3, mistral, phi3.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[FixtureRevision,
-                        typer.Option(help="Upstream revision style to imitate.")] = FixtureRevision.nov,
+                        typer.Option(help="qwen only: upstream revision style to imitate.")] = FixtureRevision.nov,
     seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
 ) -> None:
     """Build a tiny random-weight model directory (no hub, seconds) to try the pipeline on.
 
     Example: surgery fixture qwen --out ./tiny-qwen --revision 2023-12
     """
-    if kind != "qwen":
-        raise SurgeryError(f"no fixture named {kind!r}; available: qwen")
+    from surgery.fixtures.native import FAMILIES, build_native
     from surgery.fixtures.qwen_v1 import build
 
-    path = build(out_dir, revision=revision.value, seed=seed)
-    out.print(f"wrote tiny {kind} ({revision.value}) to [bold]{path}[/]")
+    if kind == "qwen":
+        path = build(out_dir, revision=revision.value, seed=seed)
+    elif kind in FAMILIES:
+        path = build_native(kind, out_dir, seed=seed)
+    else:
+        raise SurgeryError(f"no fixture named {kind!r}; available: qwen, {', '.join(FAMILIES)}")
+    out.print(f"wrote tiny {kind} to [bold]{path}[/]")
+
+
+@app.command("port")
+def port_cmd(
+    name: Annotated[str, typer.Argument(help="The new architecture's model_type, e.g. olmo2.")],
+    like: Annotated[str, typer.Option(help="The pack it resembles (see `surgery list`).")],
+    dest: Annotated[Path, typer.Option(help="Project root to write patches/ and tests/ into.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
+    """Scaffold a pack and its conformance test for a new architecture.
+
+    Example: surgery port olmo2 --like llama
+    """
+    from surgery.port import scaffold
+
+    for path in scaffold(name, like, dest, force):
+        out.print(f"wrote {path}")
+    out.print(f"next: pytest tests/test_pack_{name}.py  (docs/porting.md explains a failed anchor)")
 
 
 def _parse_blocks(text: str | None) -> tuple[int, ...] | None:

@@ -65,3 +65,28 @@ def get_pack(name: str) -> Pack:
     if name not in packs:
         raise SurgeryError(f"no pack named {name!r}; available: {', '.join(packs)} (see `surgery list`)")
     return packs[name]
+
+
+def closest_pack(model_type: str, config: dict) -> str:
+    """The pack a new architecture most likely resembles: by model_type spelling, else by config shape
+    (transformers-native decoders carry `num_key_value_heads`; the rest look like the remote-code qwen)."""
+    import difflib
+
+    by_type = {t: p.name for p in all_packs().values() for t in p.model_types}
+    close = difflib.get_close_matches(model_type, list(by_type), n=1, cutoff=0.6)
+    if close:
+        return by_type[close[0]]
+    return "llama" if "num_key_value_heads" in config else "qwen"
+
+
+def resolve_pack(name: str, config: dict) -> Pack:
+    """`auto` picks the pack from the config's model_type; anything else is looked up by name."""
+    if name != "auto":
+        return get_pack(name)
+    model_type = str(config.get("model_type"))
+    pack = pack_for_model_type(model_type)
+    if pack is None:
+        like = closest_pack(model_type, config)
+        raise SurgeryError(f"no pack handles model_type {model_type!r}; the closest is {like!r}: scaffold one with "
+                           f"`surgery port {model_type} --like {like}`")
+    return pack

@@ -48,7 +48,7 @@ def test_bad_input_one_line_no_traceback(tmp_path: Path):
 
 
 def test_every_command_has_help_with_example(tmp_path: Path):
-    for command in ("apply", "list", "fixture", "export", "verify", "run"):
+    for command in ("apply", "list", "fixture", "export", "verify", "run", "port"):
         result = run(command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Example: surgery " in result.stdout
 
@@ -73,3 +73,24 @@ def test_export_verify_run_end_to_end(tmp_path: Path):
     assert len(result["tokens"]) == 8 and isinstance(result["text"], str) and result["prompt_tokens"] > 5
     too_long = run("run", "g", "--prompt-ids", ",".join(["5"] * 40), cwd=tmp_path)
     assert too_long.returncode == 2 and "the prompt has 40 tokens; this export takes 1 to 31" in too_long.stderr
+
+
+def test_apply_auto_and_port(tmp_path: Path):
+    assert run("fixture", "qwen2", "--out", "q2", cwd=tmp_path).returncode == 0
+    done = run("apply", "auto", "--model", "q2", "--json", cwd=tmp_path)
+    assert done.returncode == 0 and json.loads(done.stdout)["pack"] == "qwen2"
+    config = json.loads((tmp_path / "q2-surgery" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_qwen2.Qwen2ForCausalLM"}
+    (tmp_path / "q2" / "config.json").write_text(json.dumps({**config, "model_type": "olmo3"}))
+    unknown = run("apply", "auto", "--model", "q2", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "no pack handles model_type 'olmo3'; the closest is 'olmo2'" in unknown.stderr
+    assert "`surgery port olmo3 --like olmo2`" in unknown.stderr
+    ported = run("port", "olmo3", "--like", "llama", "--dest", "proj", cwd=tmp_path)
+    assert ported.returncode == 0, ported.stderr
+    pack = (tmp_path / "proj" / "patches" / "olmo3.py").read_text()
+    assert 'architecture="Olmo3ForCausalLM"' in pack
+    compile(pack, "olmo3.py", "exec")
+    compile((tmp_path / "proj" / "tests" / "test_pack_olmo3.py").read_text(), "t.py", "exec")
+    again = run("port", "olmo3", "--like", "llama", "--dest", "proj", cwd=tmp_path)
+    assert again.returncode == 2 and "pass --force" in again.stderr

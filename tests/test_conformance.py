@@ -1,0 +1,30 @@
+"""Every pack, on a tiny fixture of its family: apply -> load -> logits parity -> export -> per-graph parity
+-> 32 greedy tokens from `run` identical to the original transformers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from surgery.conformance import check_pack
+from surgery.fixtures.native import FAMILIES, build_native
+from surgery.fixtures.qwen_v1 import build
+from surgery.packs import all_packs
+
+CASES = [("qwen", "2023-11"), ("qwen", "2023-12"), *((family, None) for family in FAMILIES)]
+
+
+def test_every_pack_has_a_case():
+    own_tests = {p.stem.removeprefix("test_pack_") for p in Path(__file__).parent.glob("test_pack_*.py")}
+    assert {pack for pack, _ in CASES} | own_tests == set(all_packs())
+
+
+@pytest.mark.parametrize("pack,revision", CASES, ids=[f"{p}-{r}" if r else p for p, r in CASES])
+def test_pack_conformance(pack: str, revision: str | None, tmp_path: Path):
+    src = build(tmp_path / "src", revision=revision) if revision else build_native(pack, tmp_path / "src")
+    report = check_pack(pack, src, tmp_path / "work")
+    assert report.logits_max_abs < 1e-5, report.logits_max_abs
+    assert report.worst.cosine >= 0.99999, report.worst
+    assert len(set(report.reference)) >= 8, "fixture too degenerate for a token test"
+    assert report.tokens == report.reference
