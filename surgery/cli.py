@@ -172,6 +172,73 @@ def port_cmd(
     out.print(f"next: pytest tests/test_pack_{name}.py  (docs/porting.md explains a failed anchor)")
 
 
+@app.command("optimize")
+def optimize_cmd(
+    onnx_dir: Annotated[Path, typer.Argument(help="A directory written by `surgery export`.")],
+    target: Annotated[str, typer.Option(help="generic, bm1684x, bm1688, cv186ah, mnn, ax650.")] = "generic",
+    passes: Annotated[str, typer.Option(help="Comma-separated passes instead of the target's pipeline.")] = "",
+    skip: Annotated[str, typer.Option(help="Comma-separated passes to leave out.")] = "",
+    keep: Annotated[bool, typer.Option("--keep/--no-keep", help="Keep the originals in original/.")] = True,
+    check: Annotated[bool, typer.Option("--check/--no-check",
+                                        help="Check every graph against its input on onnxruntime.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Node counts per pass on stdout.")] = False,
+) -> None:
+    """Rewrite every graph with a target's pass pipeline, in place, each checked against its input.
+
+    Example: surgery optimize ./qwen-onnx --target bm1684x
+    """
+    from rich.progress import Progress
+
+    from surgery.optimize import optimize_dir
+
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("optimizing", total=None)
+        reports = optimize_dir(onnx_dir, target, list(_ids(passes)) or None, _ids(skip), keep, check,
+                               progress=lambda name: bar.update(task, description=f"optimizing {name}"))
+    if as_json:
+        _emit_json([{"graph": r.graph, "cosine": r.cosine, "counts": r.counts} for r in reports])
+        return
+    names = [name for name, _, _ in reports[0].counts]
+    table = Table(title=f"node counts after each pass ({target})")
+    for col in ("graph", *names, "cosine"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        cosine = "-" if r.cosine is None else f"{r.cosine:.7f}"
+        table.add_row(r.graph, *(str(nodes) for _, _, nodes in r.counts), cosine)
+    out.print(table)
+
+
+@app.command("passes")
+def passes_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False) -> None:
+    """List every graph pass, the targets that run it, and the compiler problems it avoids.
+
+    Example: surgery passes --json
+    """
+    from surgery.passes import PASSES
+    from surgery.passes.pipelines import TARGETS
+    from surgery.passes.workarounds import WORKAROUNDS
+
+    rows = [{"pass": name, "summary": p.summary,
+             "targets": [t for t, spec in TARGETS.items() if name in spec["passes"]],
+             "avoids": [w.id for w in WORKAROUNDS if w.avoided_by == name]} for name, p in PASSES.items()]
+    if as_json:
+        _emit_json({"passes": rows, "workarounds": [vars(w) for w in WORKAROUNDS],
+                    "targets": {t: spec for t, spec in TARGETS.items()}})
+        return
+    table = Table(title="graph passes")
+    for col in ("pass", "what it does", "targets", "avoids"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["pass"], r["summary"], ", ".join(r["targets"]), ", ".join(r["avoids"]))
+    out.print(table)
+    known = Table(title="known compiler problems")
+    for col in ("id", "compiler", "versions", "symptom", "avoided by"):
+        known.add_column(col)
+    for w in WORKAROUNDS:
+        known.add_row(w.id, w.compiler, w.versions, w.symptom, w.avoided_by)
+    out.print(known)
+
+
 def _parse_blocks(text: str | None) -> tuple[int, ...] | None:
     """`0-3` or `0,2,5` (or a mix) -> layer indices."""
     if not text:

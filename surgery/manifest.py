@@ -62,6 +62,7 @@ class Manifest:
     chat_template: str | None = None
     tokenizer_files: list[str] = field(default_factory=list)
     embedding_file: dict | None = None  # with --embedding-disk: {file, dtype bfloat16, shape, rounding, sha256}
+    optimizations: list[dict] = field(default_factory=list)  # `surgery optimize` runs: target, passes, counts
     conventions: dict = field(default_factory=lambda: {
         "kv_layout": "BSHD [1, seq, kv_heads, head_dim]",
         "mask": {"kind": "additive", "value": MASK_VALUE,

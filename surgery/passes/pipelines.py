@@ -1,0 +1,17 @@
+"""Per-target pass pipelines: the order each compiler wants, as data."""
+
+from __future__ import annotations
+
+CLEANUP = ["slim", "transpose_pairs", "cast_pairs"]
+OPSET17 = ["opset17", *CLEANUP, "rotate_half", "rmsnorm17", "mask_constant", "int32_inputs", "slim"]
+
+TARGETS: dict[str, dict] = {
+    "generic": {"summary": "onnxruntime and compilers that take opset 23 (RMSNormalization)",
+                "passes": [*CLEANUP, "rotate_half", "gqa_grouped", "rmsnorm", "slim"]},
+    "bm1684x": {"summary": "Sophgo BM1684X through TPU-MLIR (opset 17)", "passes": OPSET17},
+    "bm1688": {"summary": "Sophgo BM1688 through TPU-MLIR (opset 17)", "passes": OPSET17},
+    "cv186ah": {"summary": "Sophgo CV186AH through TPU-MLIR (opset 17)", "passes": OPSET17},
+    "mnn": {"summary": "MNN (MNNConvert fuses attention itself)", "passes": [*CLEANUP, "rotate_half", "rmsnorm17",
+                                                                              "mask_constant", "slim"]},
+    "ax650": {"summary": "Axera AX650 / AX630C through Pulsar2 (opset 17)", "passes": OPSET17},
+}
