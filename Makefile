@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := build/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup toolchains demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,16 @@ demo: $(STAMP)
 	$(BIN)/surgery verify $(DEMO)/tiny-qwen-onnx --trust-remote-code
 	$(BIN)/surgery run $(DEMO)/tiny-qwen-onnx --prompt "Hello, how are you?" --chat --max-new-tokens 32
 
+# Vendor toolchains in their own environments under ~/.cache/surgery (SURGERY_HOME); an install that
+# cannot run here (no Python 3.10, no registry) is reported and the tests that need it skip with the reason.
+toolchains: $(STAMP)
+	-$(BIN)/surgery toolchain install mnn
+	-$(BIN)/surgery toolchain install sophgo
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint toolchains
 	$(BIN)/pytest
 
 clean:

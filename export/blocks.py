@@ -71,13 +71,15 @@ class PenaltySampleHead(torch.nn.Module):
     """m_logits [1,V], input_ids int32 [1,SEQ], top_p, temperature, penalty [1] -> probs, tokens [1, top_k].
 
     Repetition penalty on the ids seen so far, then top-k, temperature and top-p (keeping at least
-    `min_keep` candidates); the device runtime draws from `probs` over `tokens`.
+    `min_keep` candidates); the device runtime draws from `probs` over `tokens`. The min-keep rule is a
+    float multiplier on the cumulative probability, not a boolean Or: TPU-MLIR 1.30.2's model_transform
+    fails on an Or with a constant operand ("operand ... not found").
     """
 
     def __init__(self, top_k: int = 50, min_keep: int = 5) -> None:
         super().__init__()
         self.top_k = top_k
-        self.register_buffer("always_keep", torch.arange(top_k)[None] < min_keep, persistent=False)
+        self.register_buffer("after_min_keep", (torch.arange(top_k)[None] >= min_keep).float(), persistent=False)
 
     def forward(self, m_logits, input_ids, top_p, temperature, penalty):
         logits = m_logits.float()
@@ -86,6 +88,6 @@ class PenaltySampleHead(torch.nn.Module):
         logits = logits.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
         top, tokens = torch.topk(logits, self.top_k)
         top = top / temperature
-        keep = (top.softmax(dim=1).cumsum(dim=1) < top_p) | self.always_keep
+        keep = top.softmax(dim=1).cumsum(dim=1) * self.after_min_keep < top_p
         probs = torch.where(keep, top, torch.full_like(top, -1000.0)).softmax(dim=1)
         return probs, tokens

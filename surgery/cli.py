@@ -239,6 +239,89 @@ def passes_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     out.print(known)
 
 
+toolchain_app = typer.Typer(no_args_is_help=True, help="Vendor toolchains, each in its own environment.")
+app.add_typer(toolchain_app, name="toolchain")
+
+
+@toolchain_app.command("install")
+def toolchain_install_cmd(name: Annotated[str, typer.Argument(help="mnn or sophgo.")]) -> None:
+    """Create a toolchain's own environment under the cache directory ($SURGERY_HOME or ~/.cache/surgery).
+
+    Example: surgery toolchain install mnn
+    """
+    from surgery.compile.toolchains import install
+
+    record = install(name, log=lambda line: err.print(f"[dim]{name}:[/] {line}"))
+    out.print(f"{name} {record['version']} installed" + (f" ({'; '.join(record['fixes'])})" if record["fixes"] else ""))
+
+
+@toolchain_app.command("doctor")
+def toolchain_doctor_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """What is installed, versions, and what is missing.
+
+    Example: surgery toolchain doctor --json
+    """
+    from surgery.compile.toolchains import doctor
+
+    rows = doctor()
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title="vendor toolchains")
+    for col in ("toolchain", "installed", "version", "path", "to install"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["toolchain"], "yes" if r["installed"] else "no", r["version"] or "-", r["path"],
+                      r["missing"] or "-")
+    out.print(table)
+
+
+@app.command("compile")
+def compile_cmd(
+    onnx_dir: Annotated[Path, typer.Argument(help="A directory written by `surgery export` / `optimize`.")],
+    chip: Annotated[str, typer.Option("--chip", "-c", help="bm1684x, bm1688, cv186ah or mnn.")] = "bm1684x",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("compiled"),
+    quantize: Annotated[str, typer.Option("--quantize", "-q", help="Sophgo: bf16, f16, w8bf16, w4bf16, w8f16, "
+                                          "w4f16.")] = "w4bf16",
+    group_size: Annotated[int, typer.Option("--q-group-size", "-g", help="Sophgo weight group size.")] = 64,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="Sophgo: symmetric weight quantization.")] = False,
+    num_core: Annotated[int, typer.Option(help="Sophgo: cores (bm1688: 2).")] = 1,
+    num_device: Annotated[int, typer.Option(help="Sophgo: devices.")] = 1,
+    quant_bits: Annotated[int | None, typer.Option(help="MNN: weight bits, 4 or 8 (default: float).")] = None,
+    quant_block: Annotated[int, typer.Option(help="MNN: weight quantization block, 32/64/128.")] = 64,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Graphs compiled in parallel.")] = 2,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Check every compiled graph against "
+                                        "onnxruntime (simulator for Sophgo).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Parity table on stdout.")] = False,
+) -> None:
+    """Compile an export for a chip, then check every graph against onnxruntime.
+
+    Example: surgery compile ./qwen-onnx --chip bm1684x -q w4bf16 -g 64 -o ./qwen-bm1684x
+    """
+    if chip == "mnn":
+        from surgery.compile.mnn import compile_mnn
+
+        if quant_bits not in (None, 4, 8):
+            raise SurgeryError(f"--quant-bits {quant_bits} is not supported; use 4 or 8")
+        manifest = compile_mnn(onnx_dir, out_dir, bits=quant_bits, block=quant_block, jobs=jobs, check=check)
+    else:
+        from surgery.compile.sophgo import SophgoOptions, compile_sophgo
+
+        manifest = compile_sophgo(onnx_dir, out_dir, SophgoOptions(chip, quantize, group_size, symmetric, num_core,
+                                                                  num_device, jobs, check))
+    rows = manifest.compiled["parity"]
+    if as_json:
+        _emit_json({"out": str(out_dir), "chip": chip, "parity": rows})
+        return
+    table = Table(title=f"{chip}: compiled graph vs onnxruntime")
+    for col in ("graph", "output", "cosine", "max abs"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["graph"], r["output"], f"{r['cosine']:.6f}", f"{r['max_abs']:.2e}")
+    out.print(table)
+    out.print(f"wrote [bold]{out_dir}[/]")
+
+
 def _parse_blocks(text: str | None) -> tuple[int, ...] | None:
     """`0-3` or `0,2,5` (or a mix) -> layer indices."""
     if not text:
@@ -336,15 +419,16 @@ def run_cmd(
                                                     help="Allow the tokenizer's own code to run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Text, tokens and timings on stdout.")] = False,
 ) -> None:
-    """Greedy generation on onnxruntime with a host-side KV cache, the way device runtimes do it.
+    """Greedy generation with a host-side KV cache, the way device runtimes do it: exported graphs on
+    onnxruntime, or a `surgery compile --chip mnn` directory on the MNN runtime (picked from the manifest).
 
     Example: surgery run ./qwen-onnx --prompt "Hello" --chat --max-new-tokens 32 --json
     """
-    from surgery.runtime import OnnxModel, load_tokenizer
+    from surgery.runtime import load_tokenizer, open_runtime
 
     if (prompt is None) == (prompt_ids is None):
         raise SurgeryError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    model = OnnxModel(onnx_dir)
+    model = open_runtime(onnx_dir)
     tokenizer = None
     if prompt is not None:
         tokenizer = load_tokenizer(onnx_dir, trust_remote_code)
@@ -365,10 +449,11 @@ def run_cmd(
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     result = model.generate(list(ids), max_new_tokens, eos=eos_ids)
+    backend = model.manifest.backend
     text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer else None
     if as_json:
         _emit_json({"text": text, "tokens": result.tokens, "prompt_tokens": len(ids), "prefill_ms": result.prefill_ms,
-                    "decode_tokens_per_s": result.decode_tokens_per_s})
+                    "decode_tokens_per_s": result.decode_tokens_per_s, "backend": backend})
     else:
         out.print(text if text is not None else " ".join(map(str, result.tokens)), highlight=False)
         out.print(f"prefill {result.prefill_ms:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s")

@@ -63,6 +63,8 @@ class Manifest:
     tokenizer_files: list[str] = field(default_factory=list)
     embedding_file: dict | None = None  # with --embedding-disk: {file, dtype bfloat16, shape, rounding, sha256}
     optimizations: list[dict] = field(default_factory=list)  # `surgery optimize` runs: target, passes, counts
+    backend: str = "onnxruntime"  # what runs the graph files: onnxruntime, mnn, bmodel, ...
+    compiled: dict | None = None  # `surgery compile`: chip, flags, toolchain versions, parity table
     conventions: dict = field(default_factory=lambda: {
         "kv_layout": "BSHD [1, seq, kv_heads, head_dim]",
         "mask": {"kind": "additive", "value": MASK_VALUE,

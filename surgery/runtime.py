@@ -24,18 +24,13 @@ class Generation:
     steps: list[float] = field(default_factory=list)
 
 
-class OnnxModel:
-    def __init__(self, directory: str | Path) -> None:
-        import onnxruntime as ort
+class Runtime:
+    """Generation over the block contract; subclasses say how one graph runs."""
 
+    def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
         self.manifest = Manifest.read(self.dir)
         self.manifest.require_numpy_dtype("surgery run")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sessions = {g.name: ort.InferenceSession(str(self.dir / g.file), opts,
-                                                      providers=["CPUExecutionProvider"])
-                         for g in self.manifest.graphs}
         layers = sorted(g.layer for g in self.manifest.graphs if g.kind == "block")
         if layers != list(range(self.manifest.num_layers)):
             raise SurgeryError(f"{self.dir} holds blocks {layers}, not all {self.manifest.num_layers} layers; "
@@ -45,6 +40,9 @@ class OnnxModel:
         self.table = (np.memmap(self.dir / table["file"], dtype="<u2", mode="r", shape=tuple(table["shape"]))
                       if table else None)
 
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [1, S] -> [1, S, H] from the embedding graph, or from the bf16 table on disk."""
         if self.table is None:
@@ -52,9 +50,6 @@ class OnnxModel:
             return self.run(name, input_ids=ids.astype(np.int32))[0]
         bits = self.table[ids[0]].astype(np.uint32) << 16
         return bits.view(np.float32)[None].astype(self.float)
-
-    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
-        return self.sessions[name].run(None, feeds)
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> Generation:
         m = self.manifest
@@ -104,6 +99,23 @@ class OnnxModel:
         return int(self.run("greedy_head", m_logits=logits)[0].reshape(-1)[0])
 
 
+class OnnxModel(Runtime):
+    """The exported graphs on onnxruntime (CPU)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        import onnxruntime as ort
+
+        super().__init__(directory)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sessions = {g.name: ort.InferenceSession(str(self.dir / g.file), opts,
+                                                      providers=["CPUExecutionProvider"])
+                         for g in self.manifest.graphs}
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        return self.sessions[name].run(None, feeds)
+
+
 def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     """The tokenizer `surgery export` copied next to the graphs."""
     manifest = Manifest.read(Path(directory))
@@ -116,3 +128,16 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     except (OSError, ValueError) as exc:
         raise SurgeryError(f"cannot load the tokenizer in {directory} ({str(exc).splitlines()[0]}); "
                            "pass --trust-remote-code if it ships its own code, or use --prompt-ids") from None
+
+
+def open_runtime(directory: str | Path) -> Runtime:
+    """The runtime the directory's manifest names (onnxruntime for exports, MNN for `compile --chip mnn`)."""
+    manifest = Manifest.read(Path(directory))
+    if manifest.backend == "mnn":
+        from surgery.compile.mnn import MnnModel
+
+        return MnnModel(directory)
+    if manifest.backend != "onnxruntime":
+        raise SurgeryError(f"{directory} holds {manifest.backend} models, which run on the device; "
+                           "run the exported ONNX directory on the host instead")
+    return OnnxModel(directory)

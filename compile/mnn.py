@@ -1,0 +1,160 @@
+"""MNN adapter: every graph of an export directory -> `.mnn` with MNNConvert (weight quantization for the
+blocks and the head), each checked against onnxruntime on the same inputs, and a runtime that runs them.
+
+The converter and the runtime live in the `mnn` toolchain environment and run as subprocesses
+(`mnn_worker.py`); nothing here imports MNN, so MNN's telemetry, which pip-installs a package when its
+Python tools are imported, never runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from surgery.compile.commands import parallel, run_logged
+from surgery.compile.toolchains import installed, python_of
+from surgery.errors import SurgeryError
+from surgery.export.exporter import random_inputs
+from surgery.fsutil import sha256_file
+from surgery.manifest import GraphSpec, Manifest
+from surgery.parity import Parity, compare
+from surgery.runtime import OnnxModel, Runtime
+
+WORKER = Path(__file__).with_name("mnn_worker.py")
+QUANTIZED_KINDS = {"block", "block_cache", "lm_head"}
+# cosine floors per output, by weight bits (None: float weights)
+MIN_COSINE = {None: 0.9999, 8: 0.99, 4: 0.95}
+
+
+def convert_args(graph: GraphSpec, src: Path, dst: Path, bits: int | None, block: int) -> list[str]:
+    args = ["-f", "ONNX", "--modelFile", str(src), "--MNNModel", str(dst), "--bizCode", "surgery"]
+    if bits and graph.kind in QUANTIZED_KINDS:
+        args += ["--weightQuantBits", str(bits), "--weightQuantBlock", str(block)]
+    return args
+
+
+class MnnWorker:
+    """One `mnn_worker.py serve` process holding loaded modules; requests over pipes."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([str(python_of("mnn")), str(WORKER), "serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def _send(self, payload: bytes) -> None:
+        self.proc.stdin.write(struct.pack("<I", len(payload)) + payload)
+
+    def _recv(self) -> bytes:
+        (n,) = struct.unpack("<I", self.proc.stdout.read(4))
+        return self.proc.stdout.read(n)
+
+    def _reply(self) -> list[np.ndarray]:
+        header = json.loads(self._recv())
+        if not header["ok"]:
+            raise SurgeryError(f"MNN runtime error: {header['error']}")
+        return [np.load(io.BytesIO(self._recv())) for _ in range(header["count"])]
+
+    def load(self, name: str, path: Path, inputs: list[str], outputs: list[str]) -> None:
+        self._send(json.dumps({"op": "load", "name": name, "path": str(path), "inputs": inputs,
+                               "outputs": outputs}).encode())
+        self.proc.stdin.flush()
+        self._reply()
+
+    def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        self._send(json.dumps({"op": "run", "name": name}).encode())
+        for array in arrays:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(array))
+            self._send(buf.getvalue())
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+
+
+class MnnModel(Runtime):
+    """A `surgery compile --chip mnn` directory on the MNN runtime, with the shared generation loop."""
+
+    def __init__(self, directory: str | Path) -> None:
+        super().__init__(directory)
+        self.worker = MnnWorker()
+        self.inputs = {}
+        for g in self.manifest.graphs:
+            self.inputs[g.name] = [t.name for t in g.inputs]
+            self.worker.load(g.name, self.dir / g.file, self.inputs[g.name], [t.name for t in g.outputs])
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        return self.worker.run(name, [feeds[n] for n in self.inputs[name]])
+
+    def __del__(self) -> None:
+        if hasattr(self, "worker"):
+            self.worker.close()
+
+
+def compile_mnn(onnx_dir: Path, out: Path, bits: int | None = None, block: int = 64, jobs: int = 2,
+                check: bool = True) -> Manifest:
+    onnx_dir, out = Path(onnx_dir).absolute(), Path(out).absolute()  # tools run in other cwds
+    manifest = Manifest.read(onnx_dir)
+    if manifest.backend != "onnxruntime":
+        raise SurgeryError(f"{onnx_dir} is not an export directory (backend {manifest.backend}); "
+                           "compile the output of `surgery export` or `surgery optimize`")
+    manifest.require_numpy_dtype("surgery compile --chip mnn")
+    python = python_of("mnn")
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+
+    def convert(graph: GraphSpec) -> GraphSpec:
+        dst = out / f"{graph.name}.mnn"
+        tmp = out / f".{graph.name}.mnn.tmp"
+        run_logged([str(python), str(WORKER), "convert", *convert_args(graph, onnx_dir / graph.file, tmp, bits,
+                                                                        block)],
+                   logs / f"{graph.name}.log", f"MNNConvert of graph {graph.name}", expect=tmp)
+        tmp.replace(dst)
+        return GraphSpec(**{**asdict(graph), "inputs": graph.inputs, "outputs": graph.outputs, "file": dst.name,
+                            "sha256": sha256_file(dst), "data_file": None})
+
+    graphs = parallel(convert, manifest.graphs, jobs)
+    for name in [*manifest.tokenizer_files, *([manifest.embedding_file["file"]] if manifest.embedding_file else [])]:
+        shutil.copyfile(onnx_dir / name, out / name)
+    compiled = Manifest(**{**vars(manifest), "graphs": graphs, "backend": "mnn"})
+    compiled.compiled = {"chip": "mnn", "weight_quant_bits": bits, "weight_quant_block": block if bits else None,
+                         "toolchain": installed("mnn")["versions"].get("mnn"), "source": str(onnx_dir.resolve()),
+                         "commands": {g.name: ["MNNConvert", *convert_args(g, onnx_dir / g.file, out / f"{g.name}.mnn",
+                                                                          bits, block)]
+                                      for g in manifest.graphs},
+                         "parity": []}
+    compiled.write(out)
+    if check:
+        rows = check_against_onnx(onnx_dir, out)
+        compiled.compiled["parity"] = [r.as_dict() for r in rows]
+        compiled.write(out)
+        floor = MIN_COSINE.get(bits, 0.95)
+        bad = [r for r in rows if not r.cosine >= floor and r.output != "token"]
+        if bad:
+            raise SurgeryError(f"MNN graph {bad[0].graph} output {bad[0].output} has cosine {bad[0].cosine:.5f} "
+                               f"against onnxruntime (floor {floor} for {bits or 'float'} weights)")
+    return compiled
+
+
+def check_against_onnx(onnx_dir: Path, mnn_dir: Path) -> list[Parity]:
+    """Every .mnn graph against its ONNX graph on the same inputs (cosine per output)."""
+    reference, compiled = OnnxModel(onnx_dir), MnnModel(mnn_dir)
+    rows = []
+    try:
+        for graph in reference.manifest.graphs:
+            feeds = random_inputs(graph, reference.manifest.vocab_size)
+            for spec, got, want in zip(graph.outputs, compiled.run(graph.name, **feeds),
+                                       reference.run(graph.name, **feeds), strict=True):
+                rows.append(compare(graph.name, spec.name, got, want))
+    finally:
+        compiled.worker.close()
+    return rows

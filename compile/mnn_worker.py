@@ -1,0 +1,78 @@
+"""Runs inside the MNN toolchain environment (numpy + MNN only; surgery is not importable there).
+
+    python mnn_worker.py convert <MNNConvert arguments...>   # the converter, without MNN's telemetry
+    python mnn_worker.py serve                               # run .mnn graphs for requests on stdin
+
+MNN's Python converter entry point imports a telemetry module that pip-installs a package at import time;
+calling the compiled `_tools.mnnconvert` directly never loads it. `serve` speaks length-prefixed frames:
+a JSON header, then `.npy` payloads; it answers the same way.
+"""
+
+import io
+import json
+import struct
+import sys
+
+
+def read_frame(stream):
+    size = stream.read(4)
+    if len(size) < 4:
+        return None
+    (n,) = struct.unpack("<I", size)
+    return stream.read(n)
+
+
+def write_frame(stream, payload):
+    stream.write(struct.pack("<I", len(payload)))
+    stream.write(payload)
+
+
+def serve():
+    import os
+
+    # MNN's C++ side prints to file descriptor 1: keep that for logs on stderr, frames on a private copy
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    import MNN
+    import MNN.expr as F
+    import numpy as np
+
+    modules = {}
+    stdin = sys.stdin.buffer
+    while (header := read_frame(stdin)) is not None:
+        request = json.loads(header)
+        try:
+            if request["op"] == "load":
+                modules[request["name"]] = (MNN.nn.load_module_from_file(
+                    request["path"], request["inputs"], request["outputs"]), request["inputs"])
+                write_frame(stdout, json.dumps({"ok": True, "count": 0}).encode())
+            else:
+                module, names = modules[request["name"]]
+                arrays = [np.load(io.BytesIO(read_frame(stdin))) for _ in names]
+                inputs = [F.const(a, list(a.shape), F.NCHW, F.int if a.dtype.kind in "iu" else F.float)
+                          for a in arrays]
+                outputs = [np.array(o.read(), copy=True).reshape(o.shape) for o in module.forward(inputs)]
+                write_frame(stdout, json.dumps({"ok": True, "count": len(outputs)}).encode())
+                for array in outputs:
+                    buf = io.BytesIO()
+                    np.save(buf, array)
+                    write_frame(stdout, buf.getvalue())
+        except Exception as exc:  # report, keep serving
+            write_frame(stdout, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
+        stdout.flush()
+
+
+def convert(args):
+    """The converter's return value says nothing (True even for a missing file); the caller checks that
+    the output model exists."""
+    import _tools
+
+    _tools.mnnconvert(["mnnconvert", *args])
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve()
+    else:
+        sys.exit(convert(sys.argv[2:]))

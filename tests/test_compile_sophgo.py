@@ -1,0 +1,111 @@
+"""Sophgo adapter: flags per graph kind (always), and, where the TPU-MLIR toolchain is installed, real
+compiles of the fixture for bm1684x with every graph checked on the CPU simulator against onnxruntime."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from surgery.apply import plan_apply, write_plan
+from surgery.compile.sophgo import MIN_COSINE, SophgoOptions, compile_sophgo, deploy_flags
+from surgery.compile.toolchains import bin_env, installed
+from surgery.errors import SurgeryError
+from surgery.export.exporter import ExportOptions, export_model
+from surgery.fixtures.native import build_native
+from surgery.manifest import Manifest
+from surgery.optimize import optimize_dir
+from surgery.packs import ApplyOptions, get_pack
+from surgery.passes import PASSES, run_pass
+
+needs_tpu_mlir = pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run "
+                                    "`surgery toolchain install sophgo` (make toolchains)")
+SEQ = 32
+
+
+def test_deploy_flags_follow_the_graph_kind(tmp_path: Path):
+    o = SophgoOptions(chip="bm1688", quantize="w4bf16", group_size=128, symmetric=True, num_core=2)
+    graph = lambda kind: type("G", (), {"kind": kind})()  # noqa: E731
+    decode = deploy_flags(graph("block_cache"), o)
+    assert decode[:3] == ["--quantize", "W4BF16", "--quant_input"] and "--addr_mode" in decode
+    assert ["--q_group_size", "128"] == decode[decode.index("--q_group_size"):][:2] and "--q_symmetric" in decode
+    assert "--addr_mode" not in deploy_flags(graph("block"), o)
+    assert deploy_flags(graph("lm_head"), o)[:3] == ["--quantize", "BF16", "--quant_input"]
+    assert "--quant_output" not in deploy_flags(graph("lm_head"), o)
+    assert deploy_flags(graph("greedy_head"), o)[:2] == ["--quantize", "F32"]
+    assert ["--num_core", "2"] == deploy_flags(graph("block"), o)[-2:]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama fixture at transformers' default init range (0.02), as real checkpoints are scaled."""
+    root = tmp_path_factory.mktemp("sophgo")
+    src = build_native("llama", root / "src", initializer_range=0.02)
+    write_plan(plan_apply(get_pack("llama"), src, ApplyOptions(seq_length=SEQ, dtype="fp32")), root / "patched")
+    export_model(root / "patched", root / "onnx", ExportOptions(seq_length=SEQ, trust_remote_code=True))
+    return root / "onnx"
+
+
+@needs_tpu_mlir
+@pytest.mark.parametrize("quantize", ["f16", "w4bf16"])
+def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quantize: str):
+    manifest = compile_sophgo(onnx_dir, tmp_path / "out", SophgoOptions(quantize=quantize, group_size=32))
+    assert (tmp_path / "out" / f"llama_{quantize}_seq{SEQ}_1dev.bmodel").is_file()
+    rows = manifest.compiled["parity"]
+    assert {r["graph"] for r in rows} == {g.name for g in manifest.graphs}
+    hidden = [r["cosine"] for r in rows if r["output"] == "hidden_states"]
+    assert len(hidden) == 4 and min(hidden) >= MIN_COSINE[quantize]
+    assert "--addr_mode io_alone" in manifest.compiled["commands"]["block_cache_0"][1]
+    # a rerun compiles nothing: every graph comes from the cache
+    again = tmp_path / "again"
+    compile_sophgo(onnx_dir, again, SophgoOptions(quantize=quantize, group_size=32, check=False))
+    assert not list((again / "work").glob("*/compile.log"))
+
+
+@needs_tpu_mlir
+def test_compiler_failure_reports_graph_command_and_log(onnx_dir: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_dir, broken)
+    (broken / "lm_head.onnx").write_bytes(b"not a model")
+    with pytest.raises(SurgeryError) as err:
+        compile_sophgo(broken, tmp_path / "out", SophgoOptions(quantize="f16", jobs=1))
+    message = str(err.value)
+    assert "model_transform of graph lm_head failed" in message and "command: model_transform" in message
+    assert f"last 30 lines of {tmp_path / 'out' / 'work' / 'lm_head' / 'compile.log'}" in message
+
+
+def test_opset23_graphs_are_refused_with_the_fix(onnx_dir: Path, tmp_path: Path):
+    generic = tmp_path / "generic"
+    shutil.copytree(onnx_dir, generic)
+    optimize_dir(generic, "generic", keep=False)
+    with pytest.raises(SurgeryError, match="run `surgery optimize .* --target bm1684x`"):
+        compile_sophgo(generic, tmp_path / "out", SophgoOptions())
+    assert Manifest.read(generic).opset == 23
+
+
+@needs_tpu_mlir
+def test_workaround_opset18_reducemean_reproduced_and_avoided(tmp_path: Path):
+    """The registry says TPU-MLIR rejects opset-18 ReduceMean and the opset17 pass avoids it: show both."""
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    buf = io.BytesIO()
+    torch.onnx.export(Norm(), (torch.randn(1, 4, 8),), buf, opset_version=18, dynamo=False, input_names=["x"])
+    model = onnx.load_from_string(buf.getvalue())
+
+    def transform(m: onnx.ModelProto, name: str) -> subprocess.CompletedProcess:
+        onnx.save(m, tmp_path / f"{name}.onnx")
+        return subprocess.run(["model_transform", "--model_name", name, "--model_def", f"{name}.onnx",
+                               "--input_shapes", "[[1,4,8]]", "--mlir", f"{name}.mlir"], cwd=tmp_path,
+                              env=bin_env("sophgo"), capture_output=True, text=True)
+
+    before = transform(model, "opset18")
+    assert before.returncode != 0 and "Unsupport opset" in before.stdout + before.stderr
+    after = transform(run_pass(model, PASSES["opset17"])[0], "opset17")
+    assert after.returncode == 0, after.stdout[-2000:]
