@@ -30,6 +30,7 @@ demo: $(STAMP)
 toolchains: $(STAMP)
 	-$(BIN)/surgery toolchain install mnn
 	-$(BIN)/surgery toolchain install sophgo
+	-$(BIN)/surgery toolchain install rknn
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

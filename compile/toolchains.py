@@ -44,18 +44,26 @@ class Toolchain:
     name: str
     summary: str
     python: str  # major.minor the toolchain's wheels need
-    packages: tuple[str, ...]
+    steps: tuple[tuple[str, ...], ...]  # `pip install` argument lists, in order
     dist: str  # the distribution whose version identifies the toolchain
     fixes: tuple[Callable[[Path], list[str]], ...] = field(default=())
 
 
 TOOLCHAINS = {
-    "mnn": Toolchain("mnn", "MNN converter and runtime (PyPI MNN)", "3.11", ("MNN==3.6.1", "numpy"), "MNN"),
+    "mnn": Toolchain("mnn", "MNN converter and runtime (PyPI MNN)", "3.11", (("MNN==3.6.1", "numpy"),), "MNN"),
     "sophgo": Toolchain("sophgo", "Sophgo TPU-MLIR: model_transform, model_deploy, model_runner, model_tool",
                         # psutil, tqdm: imported but undeclared; setuptools<81: tpu_mlir imports pkg_resources;
                         # torch: the ONNX front end imports it (PyPI has only the CUDA build for 3.10; it runs on CPU)
-                        "3.10", ("tpu_mlir[onnx]==1.30.2", "psutil", "tqdm", "setuptools<81", "torch"), "tpu_mlir",
+                        "3.10", (("tpu_mlir[onnx]==1.30.2", "psutil", "tqdm", "setuptools<81", "torch"),), "tpu_mlir",
                         fixes=(_move_bundled_glibc,)),
+    # rknn-toolkit2 pins torch<=2.4 and numpy<=1.26.4: its dependencies by hand (torch 2.13.0 works), then
+    # the wheel without its pins
+    "rknn": Toolchain("rknn", "Rockchip rknn-toolkit2 (converter and CPU simulator)", "3.11", (
+        ("protobuf>=4.21.6,<=4.25.4", "psutil", "ruamel.yaml", "scipy", "tqdm", "opencv-python-headless",
+         "fast-histogram", "numpy<=1.26.4", "onnx>=1.16.1,<=1.18.0", "onnxruntime", "torch==2.13.0",
+         "setuptools<81"),
+        ("--no-deps", "rknn-toolkit2==2.5.0"),
+    ), "rknn-toolkit2"),
 }
 
 
@@ -121,12 +129,13 @@ def install(name: str, log: Callable[[str], None] = lambda line: None) -> dict:
     step([python, "-m", "venv", str(target)], f"creating a Python {chain.python} environment")
     pip = [str(target / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     step([*pip, "--upgrade", "pip"], "upgrading pip")
-    step([*pip, *chain.packages], f"installing {' '.join(chain.packages)}")
+    for args in chain.steps:
+        step([*pip, *args], f"installing {' '.join(args)}")
     fixes = [f"{fix.__name__}: {', '.join(done) or 'nothing to do'}" for fix in chain.fixes for done in [fix(target)]]
     listed = subprocess.run([str(target / "bin" / "python"), "-m", "pip", "list", "--format", "json"],
                             capture_output=True, text=True, check=True).stdout
     versions = {p["name"].lower(): p["version"] for p in json.loads(listed)}
-    record = {"name": name, "python": chain.python, "packages": list(chain.packages), "fixes": fixes,
+    record = {"name": name, "python": chain.python, "steps": [list(a) for a in chain.steps], "fixes": fixes,
               "version": versions.get(chain.dist.lower()), "versions": versions}
     atomic_write_json(target / RECORD, record)
     return record

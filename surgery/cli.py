@@ -279,7 +279,8 @@ def toolchain_doctor_cmd(as_json: Annotated[bool, typer.Option("--json", help="M
 @app.command("compile")
 def compile_cmd(
     onnx_dir: Annotated[Path, typer.Argument(help="A directory written by `surgery export` / `optimize`.")],
-    chip: Annotated[str, typer.Option("--chip", "-c", help="bm1684x, bm1688, cv186ah or mnn.")] = "bm1684x",
+    chip: Annotated[str, typer.Option("--chip", "-c", help="bm1684x, bm1688, cv186ah, mnn, ax650 or ax630c.")
+                    ] = "bm1684x",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("compiled"),
     quantize: Annotated[str, typer.Option("--quantize", "-q", help="Sophgo: bf16, f16, w8bf16, w4bf16, w8f16, "
                                           "w4f16.")] = "w4bf16",
@@ -304,6 +305,19 @@ def compile_cmd(
         if quant_bits not in (None, 4, 8):
             raise SurgeryError(f"--quant-bits {quant_bits} is not supported; use 4 or 8")
         manifest = compile_mnn(onnx_dir, out_dir, bits=quant_bits, block=quant_block, jobs=jobs, check=check)
+    elif chip in ("ax650", "ax630c"):
+        from surgery.compile.axera import AxeraOptions, compile_axera
+
+        kit = compile_axera(onnx_dir, out_dir, AxeraOptions(chip=chip))
+        if as_json:
+            _emit_json({"out": str(out_dir), "chip": chip, "built": kit.compiled["built"],
+                        "graphs": kit.compiled["graphs"]})
+        elif kit.compiled["built"]:
+            out.print(f"built {len(kit.compiled['graphs'])} axmodels with pulsar2 in [bold]{out_dir}/build[/]")
+        else:
+            out.print(f"pulsar2 is not on PATH: wrote the build kit and [bold]{out_dir / 'build.sh'}[/] "
+                      "(run it inside Axera's pulsar2 container)")
+        return
     else:
         from surgery.compile.sophgo import SophgoOptions, compile_sophgo
 

@@ -1,0 +1,201 @@
+"""Axera adapter (AX650 / AX630C through Pulsar2): a complete build kit, and the build itself where
+`pulsar2` is on PATH (it ships only in Axera's Docker image, so usually it is not).
+
+The kit holds, per graph: an ONNX file with the Axera runtime's I/O names and layouts, a `pulsar2 build`
+JSON config (the documented BuildConfig fields), and Numpy calibration archives captured from real
+activations of the exported graphs during greedy generation; plus the embedding as a raw bf16 table
+(rounded to nearest even) and `build.sh` with the exact command lines.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import shutil
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from surgery.compile.commands import run_logged
+from surgery.errors import SurgeryError
+from surgery.export.exporter import write_bf16_table
+from surgery.fsutil import atomic_write_json, atomic_write_text
+from surgery.manifest import GraphSpec, Manifest
+from surgery.runtime import OnnxModel
+
+CHIPS = {"ax650": ("AX650", "NPU3"), "ax630c": ("AX620E", "NPU2")}
+# our block contract -> the Axera LLM runtime's per-layer names
+BLOCK_IO = {"input_states": "input", "position_ids": "indices", "attention_mask": "mask", "history_k": "K_cache",
+            "history_v": "V_cache", "hidden_states": "output", "past_k": "K_cache_out", "past_v": "V_cache_out"}
+POST_IO = {"hidden_states": "input", "m_logits": "output"}  # lm_head: the runtime's `post` model
+KINDS = ("block", "block_cache", "lm_head")
+
+
+@dataclass(frozen=True)
+class AxeraOptions:
+    chip: str = "ax650"
+    calibration_prompts: int = 4
+    calibration_tokens: int = 8
+    weight_type: str = "S8"  # S8 weights, U16 activations: what the LLM builds use
+
+
+def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str]) -> onnx.ModelProto:
+    """Rename I/O to the Axera runtime's names; drop the batch axis ([N, H], [kv_len, kv_heads*head_dim])."""
+    graph = gs.import_onnx(model)
+
+    def boundary(tensor: gs.Variable, new_shape: list[int], is_input: bool) -> gs.Variable:
+        outer = gs.Variable(rename.get(tensor.name, tensor.name), dtype=tensor.dtype, shape=new_shape)
+        tensor.name = f"{tensor.name}_contract"
+        old_shape = np.array(tensor.shape, np.int64)
+        src, dst = (outer, tensor) if is_input else (tensor, outer)
+        target = old_shape if is_input else np.array(new_shape, np.int64)
+        graph.nodes.append(gs.Node("Reshape", f"{outer.name}_layout", inputs=[
+            src, gs.Constant(f"{outer.name}_shape", target)], outputs=[dst]))
+        return outer
+
+    def axera_shape(t: gs.Variable) -> list[int]:
+        shape = list(t.shape)
+        if t.name in ("history_k", "history_v", "past_k", "past_v"):
+            return [shape[1], kv_width]
+        if t.name == "attention_mask":
+            return shape[2:]
+        return shape[1:] if len(shape) > 1 else shape
+
+    graph.inputs = [boundary(t, axera_shape(t), True) for t in graph.inputs]
+    graph.outputs = [boundary(t, axera_shape(t), False) for t in graph.outputs]
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    return out
+
+
+class Recorder(OnnxModel):
+    """The reference runtime, keeping every input it feeds each graph (calibration data)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.seen: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        self.seen[name].append({k: v.copy() for k, v in feeds.items()})
+        return super().run(name, **feeds)
+
+
+def capture(onnx_dir: Path, options: AxeraOptions) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Real activations: greedy generation from a few prompts through the exported graphs."""
+    recorder = Recorder(onnx_dir)
+    m = recorder.manifest
+    rng = np.random.default_rng(0)
+    for _ in range(options.calibration_prompts):
+        n = int(rng.integers(4, max(5, min(m.seq_length // 2, 24))))
+        recorder.generate(rng.integers(0, m.vocab_size, n).tolist(), options.calibration_tokens)
+    return recorder.seen
+
+
+def write_calibration(path: Path, samples: list[np.ndarray]) -> None:
+    """A tar of .npy files, one per sample (Pulsar2's `Numpy` calibration format)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for i, sample in enumerate(samples):
+            buf = io.BytesIO()
+            np.save(buf, sample)
+            info = tarfile.TarInfo(f"{i:04d}.npy")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+    tmp.replace(path)
+
+
+def build_config(name: str, graph: GraphSpec, options: AxeraOptions, calib: dict[str, str], samples: int) -> dict:
+    hardware, npu_mode = CHIPS[options.chip]
+    return {
+        "input": f"onnx/{name}.onnx",
+        "output_dir": f"build/{name}",
+        "output_name": f"{name}.axmodel",
+        "model_type": "ONNX",
+        "target_hardware": hardware,
+        "npu_mode": npu_mode,
+        "quant": {
+            "input_configs": [{"tensor_name": tensor, "calibration_dataset": path, "calibration_format": "Numpy",
+                               "calibration_size": samples} for tensor, path in calib.items()],
+            "layer_configs": [{"start_tensor_names": ["DEFAULT"], "end_tensor_names": ["DEFAULT"],
+                               "data_type": "U16"}],
+            "calibration_method": "MinMax",
+            "precision_analysis": False,
+        },
+        "input_processors": [{"tensor_name": tensor, "src_dtype": "FP32"} for tensor in calib],
+        "compiler": {"check": 0},
+    }
+
+
+def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
+    onnx_dir, out = Path(onnx_dir).absolute(), Path(out).absolute()
+    if options.chip not in CHIPS:
+        raise SurgeryError(f"unknown Axera chip {options.chip!r}; choose one of {', '.join(CHIPS)}")
+    manifest = Manifest.read(onnx_dir)
+    if manifest.opset > 17 or manifest.backend != "onnxruntime":
+        raise SurgeryError(f"{onnx_dir} has opset {manifest.opset} graphs; run `surgery optimize {onnx_dir} "
+                           f"--target ax650` first")
+    for sub in ("onnx", "calib", "configs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    seen = capture(onnx_dir, options)
+    kv_width = manifest.num_kv_heads * manifest.head_dim
+    names = {"lm_head": f"{manifest.model_type}_post"}
+    commands, graphs = [], []
+    for graph in (g for g in manifest.graphs if g.kind in KINDS):
+        name = names.get(graph.name, f"{manifest.model_type}_{graph.name}")
+        rename = POST_IO if graph.kind == "lm_head" else BLOCK_IO
+        model = axera_io(onnx.load(str(onnx_dir / graph.file)), kv_width, rename)
+        onnx.save(model, str(out / "onnx" / f"{name}.onnx"))
+        calib = {}
+        for t in graph.inputs:
+            axera_name = rename.get(t.name, t.name)
+            shape = [d.dim_value for d in next(i for i in model.graph.input if i.name == axera_name)
+                     .type.tensor_type.shape.dim]
+            samples = [feeds[t.name].reshape(shape).astype(np.float32 if t.dtype.startswith("float") else t.dtype)
+                       for feeds in seen[graph.name]]
+            path = f"calib/{name}.{axera_name}.tar"
+            write_calibration(out / path, samples)
+            calib[axera_name] = path
+        config = build_config(name, graph, options, calib, len(seen[graph.name]))
+        atomic_write_json(out / "configs" / f"{name}.json", config)
+        commands.append(["pulsar2", "build", "--input", config["input"], "--output_dir", config["output_dir"],
+                         "--config", f"configs/{name}.json", "--target_hardware", config["target_hardware"]])
+        graphs.append({"graph": graph.name, "name": name, "samples": len(seen[graph.name]),
+                       "inputs": [rename.get(t.name, t.name) for t in graph.inputs],
+                       "outputs": [rename.get(t.name, t.name) for t in graph.outputs]})
+    embedding = out / f"{manifest.model_type}.embed_tokens.bf16.bin"
+    if manifest.embedding_file:
+        shutil.copyfile(onnx_dir / manifest.embedding_file["file"], embedding)
+    else:
+        initializers = onnx.load(str(onnx_dir / "embedding.onnx")).graph.initializer
+        table = next(onnx.numpy_helper.to_array(t) for t in initializers if len(t.dims) == 2)
+        write_bf16_table(torch.from_numpy(table.copy()), embedding)
+    script = "#!/usr/bin/env bash\n# Pulsar2 builds for every graph (written by `surgery compile --chip " \
+             f"{options.chip}`).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + \
+             "".join(shlex.join(c) + "\n" for c in commands)
+    atomic_write_text(out / "build.sh", script)
+    (out / "build.sh").chmod(0o755)
+    for file in manifest.tokenizer_files:
+        shutil.copyfile(onnx_dir / file, out / file)
+    kit = Manifest(**{**vars(manifest), "backend": "axmodel"})
+    kit.compiled = {"chip": options.chip, "target_hardware": CHIPS[options.chip][0], "npu_mode": CHIPS[options.chip][1],
+                    "graphs": graphs, "embedding": {"file": embedding.name, "dtype": "bfloat16",
+                                                    "rounding": "nearest-even",
+                                                    "shape": [manifest.vocab_size, manifest.hidden_size]},
+                    "io": {"blocks": BLOCK_IO, "post": POST_IO}, "build_script": "build.sh", "built": False}
+    if shutil.which("pulsar2"):
+        for command, graph in zip(commands, graphs, strict=True):
+            run_logged(command, out / "logs" / f"{graph['name']}.log", f"pulsar2 build of graph {graph['graph']}",
+                       cwd=out, expect=out / f"build/{graph['name']}/{graph['name']}.axmodel")
+        kit.compiled["built"] = True
+    kit.write(out)
+    return kit
