@@ -336,6 +336,82 @@ def compile_cmd(
     out.print(f"wrote [bold]{out_dir}[/]")
 
 
+@app.command("convert")
+def convert_cmd(
+    pack: Annotated[str, typer.Argument(help="Pack name, or auto (from model_type).")],
+    model_path: Annotated[Path, typer.Option("--model_path", "-m", help="Hugging Face model directory.")],
+    out_dir: Annotated[Path, typer.Option("--out_dir", "-o", help="Bundle directory.")],
+    seq_length: Annotated[int, typer.Option("--seq_length", "-s", min=2, help="Static sequence length.")] = 512,
+    quantize: Annotated[str, typer.Option("--quantize", "-q", help="bf16, f16, w8bf16, w4bf16, w8f16, w4f16 "
+                                          "(mnn: w8*/w4* pick 8/4-bit weights).")] = "w4bf16",
+    q_group_size: Annotated[int, typer.Option("--q_group_size", "-g", help="Weight group size.")] = 64,
+    chip: Annotated[str, typer.Option("--chip", "-c", help="bm1684x, bm1688, cv186ah, mnn, ax650, ax630c.")
+                    ] = "bm1684x",
+    num_device: Annotated[int, typer.Option("--num_device", help="Devices (Sophgo).")] = 1,
+    num_core: Annotated[int, typer.Option("--num_core", help="Cores (Sophgo bm1688: 2).")] = 1,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="Symmetric weight quantization.")] = False,
+    max_input_length: Annotated[int | None, typer.Option("--max_input_length",
+                                                         help="Longest prompt the runtime accepts.")] = None,
+    embedding_disk: Annotated[bool, typer.Option("--embedding_disk", help="Embedding as a bf16 table on the "
+                                                 "host instead of graphs.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                    help="Allow the model's own modeling code to run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Result on stdout.")] = False,
+) -> None:
+    """apply -> export -> optimize -> compile -> verify, into a device bundle with report.md/report.html.
+    Resumes where it stopped; flags follow llm_convert.py.
+
+    Example: surgery convert qwen -m ./Qwen-7B-Chat -s 512 -q w4bf16 -g 128 -c bm1684x -o ./qwen_7b --trust-remote-code
+    """
+    from rich.progress import Progress
+
+    from surgery.apply import read_config
+    from surgery.convert import ConvertOptions, convert
+
+    config = read_config(model_path)[0]
+    if config.get("auto_map") and not trust_remote_code:
+        raise SurgeryError(f"{model_path} ships its own modeling code (auto_map); pass --trust-remote-code "
+                           "if you trust it")
+    options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
+                             num_core, symmetric, max_input_length, embedding_disk, trust_remote_code)
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("converting", total=None)
+        result = convert(options, progress=lambda stage: bar.update(task, description=f"{stage}"))
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(f"bundle in [bold]{out_dir}[/]: {', '.join(f'{k} {v:.1f}s' for k, v in result['timings'].items())}; "
+              f"report: {out_dir / 'report.html'}")
+
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="The model's tokenizer for board runtimes.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("serve")
+def tokenizer_serve_cmd(
+    directory: Annotated[Path, typer.Argument(help="Model, export or bundle directory with tokenizer files.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 12345,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                    help="Allow the tokenizer's own code to run.")] = False,
+) -> None:
+    """Serve /encode (with the chat template), /decode, /bos_id, /eos_id over HTTP.
+
+    Example: surgery tokenizer serve ./Qwen2.5-0.5B-Instruct --host 127.0.0.1 --port 12345
+    """
+    from surgery.tokserver import make_server
+
+    server = make_server(directory, host, port, trust_remote_code)
+    out.print(f"serving the tokenizer of {directory} on http://{host}:{server.server_address[1]}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _parse_blocks(text: str | None) -> tuple[int, ...] | None:
     """`0-3` or `0,2,5` (or a mix) -> layer indices."""
     if not text:

@@ -121,8 +121,15 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     manifest = Manifest.read(Path(directory))
     if not manifest.tokenizer_files:
         raise SurgeryError(f"{directory} has no tokenizer files; pass --prompt-ids instead of --prompt")
+    return tokenizer_from(directory, trust_remote_code)
+
+
+def tokenizer_from(directory: str | Path, trust_remote_code: bool = False):
+    """AutoTokenizer from a model, export or bundle directory, with a one-line error."""
     from transformers import AutoTokenizer
 
+    if not Path(directory).is_dir():
+        raise SurgeryError(f"{directory} is not a directory; pass a model or bundle directory")
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

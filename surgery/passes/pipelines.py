@@ -13,5 +13,6 @@ TARGETS: dict[str, dict] = {
     "cv186ah": {"summary": "Sophgo CV186AH through TPU-MLIR (opset 17)", "passes": OPSET17},
     "mnn": {"summary": "MNN (MNNConvert fuses attention itself)", "passes": [*CLEANUP, "rotate_half", "rmsnorm17",
                                                                               "mask_constant", "slim"]},
-    "ax650": {"summary": "Axera AX650 / AX630C through Pulsar2 (opset 17)", "passes": OPSET17},
+    "ax650": {"summary": "Axera AX650 through Pulsar2 (opset 17)", "passes": OPSET17},
+    "ax630c": {"summary": "Axera AX630C through Pulsar2 (opset 17)", "passes": OPSET17},
 }

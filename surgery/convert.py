@@ -1,0 +1,172 @@
+"""`surgery convert`: HF directory -> apply -> export -> optimize -> compile -> verify -> a device bundle
+and a report. Each stage writes its own directory under `<out>/stages/`; `convert.json` records what each
+finished stage was made from, so a rerun skips the stages whose inputs did not change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from surgery.apply import RECORD, plan_apply, read_config, write_plan
+from surgery.errors import SurgeryError
+from surgery.fsutil import atomic_write_json, sha256_text
+from surgery.manifest import Manifest
+from surgery.packs import ApplyOptions, resolve_pack
+
+STATE = "convert.json"
+SOPHGO = ("bm1684x", "bm1688", "cv186ah")
+AXERA = ("ax650", "ax630c")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    pack: str
+    model_path: Path
+    out_dir: Path
+    seq_length: int = 512
+    quantize: str = "w4bf16"
+    q_group_size: int = 64
+    chip: str = "bm1684x"
+    num_device: int = 1
+    num_core: int = 1
+    symmetric: bool = False
+    max_input_length: int | None = None
+    embedding_disk: bool = False
+    trust_remote_code: bool = False
+    jobs: int = 2
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Path], dict]
+    inputs: dict  # what the stage is made from; a change reruns it and everything after
+
+
+def mnn_bits(quantize: str) -> int | None:
+    return {"w4bf16": 4, "w4f16": 4, "w8bf16": 8, "w8f16": 8}.get(quantize)
+
+
+def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None) -> dict:
+    model, out = Path(o.model_path), Path(o.out_dir)
+    config = read_config(model)[0]
+    pack = resolve_pack(o.pack, config)
+    if o.chip not in (*SOPHGO, *AXERA, "mnn"):
+        raise SurgeryError(f"unknown chip {o.chip!r}; choose one of {', '.join((*SOPHGO, *AXERA, 'mnn'))}")
+    if o.max_input_length is not None and not 0 < o.max_input_length < o.seq_length:
+        raise SurgeryError(f"--max_input_length {o.max_input_length} must be between 1 and seq_length - 1")
+    stages_dir = out / "stages"
+    target = o.chip if o.chip != "mnn" else "mnn"
+    timings: dict[str, float] = {}
+
+    def do_apply(dst: Path) -> dict:
+        plan = plan_apply(pack, model, ApplyOptions(seq_length=o.seq_length, dtype="fp32"))
+        write_plan(plan, dst, force=True)
+        return {"diff": plan.diff(), "patches": [r.as_dict() for r in plan.results]}
+
+    def do_export(dst: Path) -> dict:
+        from surgery.export.exporter import ExportOptions, export_model
+        from surgery.export.verify import verify_export
+
+        export_model(stages_dir / "apply", dst, ExportOptions(seq_length=o.seq_length, embedding_disk=o.embedding_disk,
+                                                              trust_remote_code=o.trust_remote_code or bool(
+                                                                  config.get("auto_map")) or bool(pack.sources)))
+        return {"parity": [r.as_dict() for r in verify_export(dst, trust_remote_code=True)]}
+
+    def do_optimize(dst: Path) -> dict:
+        from surgery.optimize import optimize_dir
+
+        shutil.copytree(stages_dir / "export", dst, dirs_exist_ok=True)
+        reports = optimize_dir(dst, target, keep=False)
+        return {"graphs": {r.graph: {"cosine": r.cosine, "counts": r.counts} for r in reports}}
+
+    def do_compile(dst: Path) -> dict:
+        src = stages_dir / "optimize"
+        if o.chip == "mnn":
+            from surgery.compile.mnn import compile_mnn
+
+            manifest = compile_mnn(src, dst, bits=mnn_bits(o.quantize), block=o.q_group_size, jobs=o.jobs)
+        elif o.chip in AXERA:
+            from surgery.compile.axera import AxeraOptions, compile_axera
+
+            manifest = compile_axera(src, dst, AxeraOptions(chip=o.chip))
+        else:
+            from surgery.compile.sophgo import SophgoOptions, compile_sophgo
+
+            manifest = compile_sophgo(src, dst, SophgoOptions(o.chip, o.quantize, o.q_group_size, o.symmetric,
+                                                              o.num_core, o.num_device, o.jobs))
+        return {"parity": manifest.compiled.get("parity", [])}
+
+    model_hash = sha256_text(json.dumps({p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+                                         for p in sorted(model.iterdir()) if p.is_file()}, sort_keys=True))
+    opts = {k: str(v) for k, v in asdict(o).items() if k not in ("out_dir", "jobs")}
+    stages = [
+        Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length}),
+        Stage("export", do_export, {"embedding_disk": o.embedding_disk}),
+        Stage("optimize", do_optimize, {"target": target}),
+        Stage("compile", do_compile, opts),
+    ]
+    state_path = out / STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    done = state.get("stages", {})
+    key = ""
+    results = {}
+    stale = False
+    for stage in stages:
+        key = sha256_text(key + json.dumps(stage.inputs, sort_keys=True))
+        dst = stages_dir / stage.name
+        record = done.get(stage.name)
+        if not stale and record and record["key"] == key and dst.exists():
+            results[stage.name] = record["result"]
+            timings[stage.name] = record["seconds"]
+            continue
+        stale = True
+        progress(stage.name)
+        shutil.rmtree(dst, ignore_errors=True)
+        start = time.perf_counter()
+        results[stage.name] = stage.run(dst)
+        timings[stage.name] = time.perf_counter() - start
+        done[stage.name] = {"key": key, "result": results[stage.name], "seconds": timings[stage.name]}
+        atomic_write_json(state_path, {"options": opts, "stages": done})
+    bundle(out, o, pack.name)
+    from surgery.report import write_report
+
+    write_report(out, results, timings, o)
+    return {"out": str(out), "timings": timings}
+
+
+def bundle(out: Path, o: ConvertOptions, pack: str) -> None:
+    """Copy what a device runtime needs to the top of `out`, with a runtime config."""
+    compiled = out / "stages" / "compile"
+    manifest = Manifest.read(compiled)
+    files = sorted({g.file for g in manifest.graphs if (compiled / g.file).is_file()})
+    extra = [*manifest.tokenizer_files]
+    if manifest.embedding_file:
+        extra.append(manifest.embedding_file["file"])
+    if manifest.compiled and manifest.compiled.get("embedding"):
+        extra.append(manifest.compiled["embedding"]["file"])
+    for name in [*files, *extra]:
+        shutil.copyfile(compiled / name, out / name)
+    if o.chip in AXERA:
+        shutil.copytree(compiled, out / "axera_build_kit", dirs_exist_ok=True)
+    manifest.write(out)
+    runtime = {
+        "chip": o.chip, "backend": manifest.backend, "pack": pack, "model_files": files,
+        "seq_length": manifest.seq_length, "max_input_length": o.max_input_length or manifest.seq_length - 1,
+        "hidden_size": manifest.hidden_size, "num_layers": manifest.num_layers,
+        "kv_heads": manifest.num_kv_heads, "head_dim": manifest.head_dim, "vocab_size": manifest.vocab_size,
+        "bos_token_id": manifest.bos_token_id, "eos_token_id": manifest.eos_token_id,
+        "chat_template": manifest.chat_template, "tokenizer_files": manifest.tokenizer_files,
+        "embedding": (manifest.embedding_file or (manifest.compiled or {}).get("embedding")),
+        "mask_value": manifest.conventions["mask"]["value"], "kv_layout": manifest.conventions["kv_layout"],
+    }
+    atomic_write_json(out / "runtime_config.json", runtime)
+
+
+def applied_record(out: Path) -> dict:
+    return json.loads((out / "stages" / "apply" / RECORD).read_text())

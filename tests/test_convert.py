@@ -1,0 +1,75 @@
+"""`surgery convert`: one command to a bundle with a report, resuming where it stopped."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from surgery.compile.toolchains import installed
+from surgery.convert import ConvertOptions, convert
+from surgery.errors import SurgeryError
+from surgery.fixtures.native import build_native
+from surgery.runtime import open_runtime
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_native("qwen2", tmp_path_factory.mktemp("convert") / "qwen2")
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append(tag)
+        self.external += [v for k, v in attrs if k in ("src", "href") and v and "://" in v]
+
+
+def test_axera_bundle_report_and_resume(model: Path, tmp_path: Path):
+    out = tmp_path / "bundle"
+    options = ConvertOptions("auto", model, out, seq_length=32, chip="ax650")
+    stages: list[str] = []
+    first = convert(options, progress=stages.append)
+    assert stages == ["apply", "export", "optimize", "compile"]
+    runtime = json.loads((out / "runtime_config.json").read_text())
+    assert runtime["chip"] == "ax650" and runtime["seq_length"] == 32 and runtime["chat_template"]
+    assert (out / "axera_build_kit" / "build.sh").is_file() and (out / "qwen2.embed_tokens.bf16.bin").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "manifest.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "| block_cache_1 | 1.0000000 |" in report and "```diff" in report and "cache-to-present" in report
+    page = _Tags()
+    page.feed((out / "report.html").read_text())
+    assert "svg" in page.tags and "table" in page.tags and page.external == []  # one self-contained file
+    # a rerun does nothing; a new chip reruns only the stages after the change
+    again: list[str] = []
+    assert convert(options, progress=again.append)["timings"] == first["timings"] and again == []
+    changed: list[str] = []
+    convert(ConvertOptions("auto", model, out, seq_length=32, chip="ax630c"), progress=changed.append)
+    assert changed == ["optimize", "compile"]
+
+
+@pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: run `surgery toolchain install mnn`")
+def test_mnn_bundle_runs(model: Path, tmp_path: Path):
+    out = tmp_path / "mnn"
+    convert(ConvertOptions("qwen2", model, out, seq_length=32, quantize="w8bf16", q_group_size=32, chip="mnn"))
+    runtime = json.loads((out / "runtime_config.json").read_text())
+    assert runtime["backend"] == "mnn" and all((out / f).is_file() for f in runtime["model_files"])
+    assert len(open_runtime(out).generate([3, 5, 7, 11], 6).tokens) == 6
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"chip": "tpu9000"}, "unknown chip 'tpu9000'"),
+    ({"max_input_length": 64}, "--max_input_length 64 must be between 1 and seq_length - 1"),
+    ({"pack": "llama"}, "is a 'qwen2' model, but pack 'llama' handles llama"),
+])
+def test_bad_convert_input(model: Path, tmp_path: Path, change: dict, message: str):
+    options = {"pack": "auto", "model_path": model, "out_dir": tmp_path / "out", "seq_length": 32, **change}
+    with pytest.raises(SurgeryError, match=message):
+        convert(ConvertOptions(**options))
+    assert not (tmp_path / "out" / "stages").exists() or change.get("pack")
