@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def compile_sophgo(onnx_dir: Path, out: Path, options: SophgoOptions) -> Manifes
     version = installed("sophgo")["version"]
     env = bin_env("sophgo")
     out.mkdir(parents=True, exist_ok=True)
-    work, cache = out / "work", home().parent / "cache" / "sophgo"
+    work, cache = out / "work", Path(os.environ.get("SURGERY_CACHE", home().parent / "cache")) / "sophgo"
     cache.mkdir(parents=True, exist_ok=True)
 
     def build(graph: GraphSpec) -> tuple[str, Path, list[list[str]]]:
