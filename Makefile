@@ -24,6 +24,8 @@ demo: $(STAMP)
 	$(BIN)/surgery export $(DEMO)/tiny-qwen-surgery --out $(DEMO)/tiny-qwen-onnx --seq-length 64 --trust-remote-code
 	$(BIN)/surgery verify $(DEMO)/tiny-qwen-onnx --trust-remote-code
 	$(BIN)/surgery run $(DEMO)/tiny-qwen-onnx --prompt "Hello, how are you?" --chat --max-new-tokens 32
+	$(BIN)/surgery optimize $(DEMO)/tiny-qwen-onnx --target generic
+	$(BIN)/surgery run $(DEMO)/tiny-qwen-onnx --prompt "Hello, how are you?" --chat --max-new-tokens 32
 
 # Vendor toolchains in their own environments under ~/.cache/surgery (SURGERY_HOME); an install that
 # cannot run here (no Python 3.10, no registry) is reported and the tests that need it skip with the reason.
