@@ -41,3 +41,4 @@ def qwen_original(qwen_src: Path) -> Path:
     out = qwen_src.with_name("original")
     write_plan(plan, out)
     return out
+

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,14 +15,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import export_native, generic_copy
 
-from surgery.apply import plan_apply, write_plan
 from surgery.compile.axera import AxeraOptions, compile_axera
 from surgery.errors import SurgeryError
-from surgery.export.exporter import ExportOptions, export_model, random_inputs
-from surgery.fixtures.native import build_native
+from surgery.export.exporter import random_inputs
 from surgery.manifest import Manifest
-from surgery.packs import ApplyOptions, get_pack
 
 FAKE = Path(__file__).with_name("fakes") / "pulsar2.py"
 
@@ -40,11 +37,7 @@ def fake_pulsar2(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("axera")
-    src = build_native("qwen2", root / "src")
-    write_plan(plan_apply(get_pack("qwen2"), src, ApplyOptions(seq_length=32, dtype="fp32")), root / "patched")
-    export_model(root / "patched", root / "onnx", ExportOptions(seq_length=32, trust_remote_code=True))
-    return root / "onnx"
+    return export_native("qwen2", tmp_path_factory.mktemp("axera"))
 
 
 def test_kit_without_pulsar2(onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -111,10 +104,6 @@ def test_fake_pulsar2_rejects_a_bad_config(onnx_dir: Path, tmp_path: Path, monke
 
 
 def test_refuses_opset23_graphs(onnx_dir: Path, tmp_path: Path):
-    from surgery.optimize import optimize_dir
-
-    generic = tmp_path / "generic"
-    shutil.copytree(onnx_dir, generic)
-    optimize_dir(generic, "generic", keep=False)
+    generic = generic_copy(onnx_dir, tmp_path / "generic")
     with pytest.raises(SurgeryError, match="--target ax650"):
         compile_axera(generic, tmp_path / "kit", AxeraOptions())

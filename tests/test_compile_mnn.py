@@ -10,14 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import export_native
 
-from surgery.apply import plan_apply, write_plan
 from surgery.compile.mnn import compile_mnn
 from surgery.compile.toolchains import installed
 from surgery.errors import SurgeryError
-from surgery.export.exporter import ExportOptions, export_model
-from surgery.fixtures.native import build_native
-from surgery.packs import ApplyOptions, get_pack
 from surgery.runtime import OnnxModel, open_runtime
 
 pytestmark = pytest.mark.skipif(installed("mnn") is None,
@@ -27,11 +24,7 @@ SURGERY = str(Path(sys.executable).with_name("surgery"))
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("mnn")
-    src = build_native("llama", root / "src")
-    write_plan(plan_apply(get_pack("llama"), src, ApplyOptions(seq_length=32, dtype="fp32")), root / "patched")
-    export_model(root / "patched", root / "onnx", ExportOptions(seq_length=32, trust_remote_code=True))
-    return root / "onnx"
+    return export_native("llama", tmp_path_factory.mktemp("mnn"))
 
 
 @pytest.mark.parametrize("bits,floor", [(None, 0.9999), (8, 0.99), (4, 0.95)])

@@ -11,16 +11,12 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from helpers import export_native, generic_copy
 
-from surgery.apply import plan_apply, write_plan
 from surgery.compile.sophgo import MIN_COSINE, SophgoOptions, compile_sophgo, deploy_flags
 from surgery.compile.toolchains import bin_env, installed
 from surgery.errors import SurgeryError
-from surgery.export.exporter import ExportOptions, export_model
-from surgery.fixtures.native import build_native
 from surgery.manifest import Manifest
-from surgery.optimize import optimize_dir
-from surgery.packs import ApplyOptions, get_pack
 from surgery.passes import PASSES, run_pass
 
 needs_tpu_mlir = pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run "
@@ -44,11 +40,7 @@ def test_deploy_flags_follow_the_graph_kind(tmp_path: Path):
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A llama fixture at transformers' default init range (0.02), as real checkpoints are scaled."""
-    root = tmp_path_factory.mktemp("sophgo")
-    src = build_native("llama", root / "src", initializer_range=0.02)
-    write_plan(plan_apply(get_pack("llama"), src, ApplyOptions(seq_length=SEQ, dtype="fp32")), root / "patched")
-    export_model(root / "patched", root / "onnx", ExportOptions(seq_length=SEQ, trust_remote_code=True))
-    return root / "onnx"
+    return export_native("llama", tmp_path_factory.mktemp("sophgo"), SEQ, initializer_range=0.02)
 
 
 @needs_tpu_mlir
@@ -80,9 +72,7 @@ def test_compiler_failure_reports_graph_command_and_log(onnx_dir: Path, tmp_path
 
 
 def test_opset23_graphs_are_refused_with_the_fix(onnx_dir: Path, tmp_path: Path):
-    generic = tmp_path / "generic"
-    shutil.copytree(onnx_dir, generic)
-    optimize_dir(generic, "generic", keep=False)
+    generic = generic_copy(onnx_dir, tmp_path / "generic")
     with pytest.raises(SurgeryError, match="run `surgery optimize .* --target bm1684x`"):
         compile_sophgo(generic, tmp_path / "out", SophgoOptions())
     assert Manifest.read(generic).opset == 23
