@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 MAX_BODY = 1 << 20
+DRAIN_LIMIT = 16 << 20  # an oversized body up to this is read and dropped so the client sees the 413
 
 
 class BadRequest(Exception):
@@ -45,6 +46,10 @@ def make_handler(tokenizer) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 raise BadRequest(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header") from None
             if length > MAX_BODY:
+                self.close_connection = True
+                left = min(length, DRAIN_LIMIT)
+                while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                    left -= len(chunk)
                 raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
             try:
                 data = json.loads(self.rfile.read(length))
