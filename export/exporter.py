@@ -26,7 +26,7 @@ from surgery.errors import SurgeryError
 from surgery.export.arch import ArchSpec, spec_for
 from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, PenaltySampleHead, Prefill
 from surgery.export.weights import Resident, SafetensorsIndex, parameters_on_meta
-from surgery.fsutil import atomic_write_json, sha256_file, sha256_text
+from surgery.fsutil import STAGING_PREFIX, atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
 
 STATE = ".export-state.json"
@@ -236,7 +236,7 @@ def export_job(job: Job, path: Path, opset: int, external_above: int = EXTERNAL_
     size is re-saved with its weights there too (protobuf caps a file at 2 GiB). The data file is moved
     into place before the graph.
     """
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{path.stem}-", dir=path.parent))
     data = data_file(path)
     try:
         tmp = stage / path.name
@@ -290,6 +290,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     key = sha256_text(json.dumps({"options": asdict(options), "source": record["hashes"],
                                   "weights": _weights_fingerprint(model_dir)}, sort_keys=True))
     out.mkdir(parents=True, exist_ok=True)
+    clean_interrupted(out)
     state_path = out / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("key") != key:
@@ -342,6 +343,14 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()
     return manifest
+
+
+def clean_interrupted(out: Path) -> None:
+    """Remove what a killed run leaves: staging directories and half-written temp files."""
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _copy_tokenizer(model_dir: Path, out: Path) -> dict:

@@ -505,6 +505,7 @@ def run_cmd(
     prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="Comma-separated prompt token ids.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    backend: Annotated[str, typer.Option(help="auto (from the manifest), onnxruntime or mnn.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                     help="Allow the tokenizer's own code to run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Text, tokens and timings on stdout.")] = False,
@@ -519,6 +520,9 @@ def run_cmd(
     if (prompt is None) == (prompt_ids is None):
         raise SurgeryError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     model = open_runtime(onnx_dir)
+    if backend not in ("auto", model.manifest.backend):
+        raise SurgeryError(f"{onnx_dir} holds {model.manifest.backend} models, not {backend}; "
+                           f"compile for it first (e.g. `surgery compile {onnx_dir} --chip mnn`)")
     tokenizer = None
     if prompt is not None:
         tokenizer = load_tokenizer(onnx_dir, trust_remote_code)

@@ -27,7 +27,8 @@ class Conformance:
     logits_max_abs: float
     worst: Parity
     tokens: list[int]
-    reference: list[int]
+    reference: list[int]  # the original's argmax loop
+    generated: list[int] | None = None  # the original's generate() (None where transformers 5 cannot run it)
     parity: list[Parity] = field(default_factory=list)
 
     @property
@@ -92,4 +93,10 @@ def check_pack(pack_name: str, src: Path, work: Path, seq: int = 64, new_tokens:
     rows = verify_export(onnx_dir, trust_remote_code=True)
     tokens = OnnxModel(onnx_dir).generate(prompt, new_tokens).tokens
     reference = greedy(original, prompt, new_tokens)
-    return Conformance(pack_name, logits_diff, min(rows, key=lambda r: r.cosine), tokens, reference, rows)
+    generated = None
+    if not pack.load_only:  # remote-code Qwen-v1 keeps tuple caches, which generate() in transformers 5 rejects
+        with torch.no_grad():
+            out = original.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+        generated = out[0, len(prompt):].tolist()
+    return Conformance(pack_name, logits_diff, min(rows, key=lambda r: r.cosine), tokens, reference, generated,
+                       rows)

@@ -58,10 +58,10 @@ def test_cli_compile_installs_nothing(onnx_dir: Path, tmp_path: Path):
     done = subprocess.run([SURGERY, "compile", str(onnx_dir), "--chip", "mnn", "--quant-bits", "8", "-o",
                            str(tmp_path / "out"), "--json"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    ran = subprocess.run([SURGERY, "run", str(tmp_path / "out"), "--prompt", "Hello", "--max-new-tokens", "4",
-                          "--json"], capture_output=True, text=True, env=env)
+    ran = subprocess.run([SURGERY, "run", str(tmp_path / "out"), "--backend", "mnn", "--prompt", "Hello",
+                          "--max-new-tokens", "4", "--json"], capture_output=True, text=True, env=env)
     assert ran.returncode == 0, ran.stderr
-    assert '"backend": "mnn"' in ran.stdout
+    assert '"backend": "mnn"' in ran.stdout and '"text": "' in ran.stdout
     assert not marker.exists()
 
 

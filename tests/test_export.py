@@ -206,3 +206,34 @@ def test_dynamo_exporter_matches_torchscript(qwen_patched: Path, onnx_dir: Path,
     assert min(r.cosine for r in verify_export(out, trust_remote_code=True)) >= 0.99999
     prompt = prompt_ids()
     assert OnnxModel(out).generate(prompt, 16).tokens == OnnxModel(onnx_dir).generate(prompt, 16).tokens
+
+
+def test_kill_9_mid_export_then_rerun_gives_the_clean_files(qwen_patched: Path, tmp_path: Path):
+    """Each run in its own process, as a user would: a clean export, and one killed with SIGKILL after its
+    third graph and then rerun; the two directories hold the same files, byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    surgery = str(Path(sys.executable).with_name("surgery"))
+
+    def command(out: Path) -> list[str]:
+        return [surgery, "export", str(qwen_patched), "--out", str(out), "--seq-length", str(SEQ),
+                "--trust-remote-code", "--json"]
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(command(clean), check=True, capture_output=True)
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.glob("*.onnx"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "export finished before it could be killed"
+    subprocess.run(command(killed), check=True, capture_output=True)
+    names = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in killed.iterdir()) == names
+    for name in names:
+        assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
