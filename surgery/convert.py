@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from surgery.apply import RECORD, plan_apply, read_config, write_plan
+from surgery.apply import plan_apply, read_config, write_plan
 from surgery.errors import SurgeryError
 from surgery.fsutil import atomic_write_json, sha256_text
 from surgery.manifest import Manifest
@@ -167,6 +167,3 @@ def bundle(out: Path, o: ConvertOptions, pack: str) -> None:
     }
     atomic_write_json(out / "runtime_config.json", runtime)
 
-
-def applied_record(out: Path) -> dict:
-    return json.loads((out / "stages" / "apply" / RECORD).read_text())

@@ -110,6 +110,3 @@ def reduce_axes(node: gs.Node) -> list[int] | None:
         return None if value is None else [int(a) for a in value.reshape(-1)]
     return None
 
-
-def rank(t: gs.Tensor) -> int | None:
-    return len(t.shape) if t.shape is not None else None
