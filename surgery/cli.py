@@ -137,6 +137,7 @@ def fixture_cmd(
     revision: Annotated[FixtureRevision,
                         typer.Option(help="qwen only: upstream revision style to imitate.")] = FixtureRevision.nov,
     seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="The written path on stdout.")] = False,
 ) -> None:
     """Build a tiny random-weight model directory (no hub, seconds) to try the pipeline on.
 
@@ -151,7 +152,10 @@ def fixture_cmd(
         path = build_native(kind, out_dir, seed=seed)
     else:
         raise SurgeryError(f"no fixture named {kind!r}; available: qwen, {', '.join(FAMILIES)}")
-    out.print(f"wrote tiny {kind} to [bold]{path}[/]")
+    if as_json:
+        _emit_json({"fixture": kind, "path": str(path)})
+    else:
+        out.print(f"wrote tiny {kind} to [bold]{path}[/]")
 
 
 @app.command("port")
@@ -160,6 +164,7 @@ def port_cmd(
     like: Annotated[str, typer.Option(help="The pack it resembles (see `surgery list`).")],
     dest: Annotated[Path, typer.Option(help="Project root to write patches/ and tests/ into.")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The written files on stdout.")] = False,
 ) -> None:
     """Scaffold a pack and its conformance test for a new architecture.
 
@@ -167,7 +172,11 @@ def port_cmd(
     """
     from surgery.port import scaffold
 
-    for path in scaffold(name, like, dest, force):
+    written = scaffold(name, like, dest, force)
+    if as_json:
+        _emit_json({"files": [str(p) for p in written]})
+        return
+    for path in written:
         out.print(f"wrote {path}")
     out.print(f"next: pytest tests/test_pack_{name}.py  (docs/porting.md explains a failed anchor)")
 
@@ -244,7 +253,10 @@ app.add_typer(toolchain_app, name="toolchain")
 
 
 @toolchain_app.command("install")
-def toolchain_install_cmd(name: Annotated[str, typer.Argument(help="mnn or sophgo.")]) -> None:
+def toolchain_install_cmd(
+    name: Annotated[str, typer.Argument(help="mnn, sophgo or rknn.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The toolchain record on stdout.")] = False,
+) -> None:
     """Create a toolchain's own environment under the cache directory ($SURGERY_HOME or ~/.cache/surgery).
 
     Example: surgery toolchain install mnn
@@ -252,6 +264,9 @@ def toolchain_install_cmd(name: Annotated[str, typer.Argument(help="mnn or sophg
     from surgery.compile.toolchains import install
 
     record = install(name, log=lambda line: err.print(f"[dim]{name}:[/] {line}"))
+    if as_json:
+        _emit_json(record)
+        return
     out.print(f"{name} {record['version']} installed" + (f" ({'; '.join(record['fixes'])})" if record["fixes"] else ""))
 
 
