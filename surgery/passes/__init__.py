@@ -11,6 +11,7 @@ from surgery.passes import (  # noqa: F401  (importing registers each pass)
     mask_constant,
     opset17,
     rmsnorm,
+    rope_tables,
     rotate_half,
     slim,
     transpose_pairs,

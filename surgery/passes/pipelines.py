@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-CLEANUP = ["slim", "transpose_pairs", "cast_pairs"]
+CLEANUP = ["slim", "rope_tables", "transpose_pairs", "cast_pairs"]
 OPSET17 = ["opset17", *CLEANUP, "rotate_half", "rmsnorm17", "mask_constant", "int32_inputs", "slim"]
 
 TARGETS: dict[str, dict] = {

@@ -13,10 +13,11 @@ from surgery.parity import compare
 from surgery.passes import PASSES, run_pass
 
 
-def export(module: torch.nn.Module, *inputs: torch.Tensor, opset: int = 17) -> onnx.ModelProto:
+def export(module: torch.nn.Module, *inputs: torch.Tensor, opset: int = 17,
+           names: list[str] | None = None) -> onnx.ModelProto:
     buf = io.BytesIO()
     torch.onnx.export(module.eval(), inputs, buf, opset_version=opset, dynamo=False,
-                      input_names=[f"in{i}" for i in range(len(inputs))])
+                      input_names=names or [f"in{i}" for i in range(len(inputs))])
     return onnx.load_from_string(buf.getvalue())
 
 
