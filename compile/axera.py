@@ -14,7 +14,7 @@ import shlex
 import shutil
 import tarfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +186,7 @@ def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
     (out / "build.sh").chmod(0o755)
     for file in manifest.tokenizer_files:
         shutil.copyfile(onnx_dir / file, out / file)
-    kit = Manifest(**{**vars(manifest), "backend": "axmodel"})
+    kit = replace(manifest, backend="axmodel")
     kit.compiled = {"chip": options.chip, "target_hardware": CHIPS[options.chip][0], "npu_mode": CHIPS[options.chip][1],
                     "graphs": graphs, "embedding": {"file": embedding.name, "dtype": "bfloat16",
                                                     "rounding": "nearest-even",

@@ -13,7 +13,7 @@ import json
 import shutil
 import struct
 import subprocess
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,13 +119,12 @@ def compile_mnn(onnx_dir: Path, out: Path, bits: int | None = None, block: int =
                                                                         block)],
                    logs / f"{graph.name}.log", f"MNNConvert of graph {graph.name}", expect=tmp)
         tmp.replace(dst)
-        return GraphSpec(**{**asdict(graph), "inputs": graph.inputs, "outputs": graph.outputs, "file": dst.name,
-                            "sha256": sha256_file(dst), "data_file": None})
+        return replace(graph, file=dst.name, sha256=sha256_file(dst), data_file=None)
 
     graphs = parallel(convert, manifest.graphs, jobs)
     for name in [*manifest.tokenizer_files, *([manifest.embedding_file["file"]] if manifest.embedding_file else [])]:
         shutil.copyfile(onnx_dir / name, out / name)
-    compiled = Manifest(**{**vars(manifest), "graphs": graphs, "backend": "mnn"})
+    compiled = replace(manifest, graphs=graphs, backend="mnn")
     compiled.compiled = {"chip": "mnn", "weight_quant_bits": bits, "weight_quant_block": block if bits else None,
                          "toolchain": installed("mnn")["versions"].get("mnn"), "source": str(onnx_dir.resolve()),
                          "commands": {g.name: ["MNNConvert", *convert_args(g, onnx_dir / g.file, out / f"{g.name}.mnn",

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +126,8 @@ def compile_sophgo(onnx_dir: Path, out: Path, options: SophgoOptions) -> Manifes
     tmp.replace(combined)
     for file in [*manifest.tokenizer_files, *([manifest.embedding_file["file"]] if manifest.embedding_file else [])]:
         shutil.copyfile(onnx_dir / file, out / file)
-    compiled = Manifest(**{**vars(manifest), "backend": "bmodel",
-                           "graphs": [GraphSpec(**{**vars(g), "file": name, "data_file": None})
-                                      for g in manifest.graphs]})
+    compiled = replace(manifest, backend="bmodel",
+                       graphs=[replace(g, file=name, data_file=None) for g in manifest.graphs])
     compiled.compiled = {"chip": options.chip, "quantize": options.quantize, "options": vars(options),
                          "toolchain": {"tpu_mlir": version}, "source": str(onnx_dir.resolve()), "bmodel": name,
                          "commands": {g: [" ".join(c) for c in cmds] for g, _, cmds in built}, "parity": []}
