@@ -380,13 +380,8 @@ def convert_cmd(
     """
     from rich.progress import Progress
 
-    from surgery.apply import read_config
     from surgery.convert import ConvertOptions, convert
 
-    config = read_config(model_path)[0]
-    if config.get("auto_map") and not trust_remote_code:
-        raise SurgeryError(f"{model_path} ships its own modeling code (auto_map); pass --trust-remote-code "
-                           "if you trust it")
     options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
                              num_core, symmetric, max_input_length, embedding_disk, trust_remote_code)
     with Progress(console=err, transient=True, disable=as_json) as bar:

@@ -60,8 +60,11 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         raise SurgeryError(f"unknown chip {o.chip!r}; choose one of {', '.join((*SOPHGO, *AXERA, 'mnn'))}")
     if o.max_input_length is not None and not 0 < o.max_input_length < o.seq_length:
         raise SurgeryError(f"--max_input_length {o.max_input_length} must be between 1 and seq_length - 1")
+    if config.get("auto_map") and not o.trust_remote_code:
+        raise SurgeryError(f"{model} ships its own modeling code (auto_map); pass --trust-remote-code if you trust it")
+    # a native pack's patched code is transformers' own file rewritten by us: no consent needed for that
+    trust = o.trust_remote_code or bool(pack.sources)
     stages_dir = out / "stages"
-    target = o.chip if o.chip != "mnn" else "mnn"
     timings: dict[str, float] = {}
 
     def do_apply(dst: Path) -> dict:
@@ -74,15 +77,14 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         from surgery.export.verify import verify_export
 
         export_model(stages_dir / "apply", dst, ExportOptions(seq_length=o.seq_length, embedding_disk=o.embedding_disk,
-                                                              trust_remote_code=o.trust_remote_code or bool(
-                                                                  config.get("auto_map")) or bool(pack.sources)))
-        return {"parity": [r.as_dict() for r in verify_export(dst, trust_remote_code=True)]}
+                                                              trust_remote_code=trust))
+        return {"parity": [r.as_dict() for r in verify_export(dst, trust_remote_code=trust)]}
 
     def do_optimize(dst: Path) -> dict:
         from surgery.optimize import optimize_dir
 
         shutil.copytree(stages_dir / "export", dst, dirs_exist_ok=True)
-        reports = optimize_dir(dst, target, keep=False)
+        reports = optimize_dir(dst, o.chip, keep=False)
         return {"graphs": {r.graph: {"cosine": r.cosine, "counts": r.counts} for r in reports}}
 
     def do_compile(dst: Path) -> dict:
@@ -108,7 +110,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     stages = [
         Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length}),
         Stage("export", do_export, {"embedding_disk": o.embedding_disk}),
-        Stage("optimize", do_optimize, {"target": target}),
+        Stage("optimize", do_optimize, {"target": o.chip}),
         Stage("compile", do_compile, opts),
     ]
     state_path = out / STATE

@@ -73,3 +73,12 @@ def test_bad_convert_input(model: Path, tmp_path: Path, change: dict, message: s
     with pytest.raises(SurgeryError, match=message):
         convert(ConvertOptions(**options))
     assert not (tmp_path / "out" / "stages").exists() or change.get("pack")
+
+
+def test_remote_code_needs_consent(tmp_path: Path):
+    from surgery.fixtures.qwen_v1 import build
+
+    src = build(tmp_path / "qwen")
+    with pytest.raises(SurgeryError, match="pass --trust-remote-code"):
+        convert(ConvertOptions("qwen", src, tmp_path / "out", seq_length=32, chip="ax650"))
+    assert not (tmp_path / "out").exists()
