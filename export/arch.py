@@ -5,6 +5,7 @@ A spec is data plus one small call function; the wrappers in `blocks.py` are sha
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -62,8 +63,15 @@ def _native_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.
     return cos[0].detach().clone(), sin[0].detach().clone()
 
 
+def _cache_keyword(block: torch.nn.Module) -> str:
+    """The layer's name for its cache argument: `cache` from transformers 5.24, `past_key_values` before."""
+    params = inspect.signature(block.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _native_block(block, hidden, cos, sin, mask, past):
-    hidden, (k, v) = block(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=past)
+    hidden, (k, v) = block(hidden, attention_mask=mask, position_embeddings=(cos, sin),
+                           **{_cache_keyword(block): past})
     return hidden, k, v
 
 

@@ -17,7 +17,11 @@ from surgery.packs import ApplyOptions, Pack
 from .common import IS_NOT_NONE, contains
 
 SELF_ATTN_CALL = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("self_attn")))
-CACHE_UPDATE = m.Call(func=m.Attribute(value=m.Name("past_key_values"), attr=m.Name("update")))
+# transformers <= 5.23 names the cache argument `past_key_values` (4.x attention: `past_key_value`); 5.24
+# renamed it `cache` (the old name still accepted through a deprecation decorator)
+CACHE_NAMES = ("past_key_values", "past_key_value", "cache")
+CACHE_NAME = m.Name(value=m.MatchIfTrue(lambda n: n in CACHE_NAMES))
+CACHE_UPDATE = m.Call(func=m.Attribute(value=CACHE_NAME, attr=m.Name("update")))
 LAYER_CALL = m.Call(func=m.Name("decoder_layer"))
 
 
@@ -102,17 +106,17 @@ class CacheToPresent(Rule):
     BSHD; the method returns `present` where it returned attention weights."""
 
     name = "cache-update"
-    anchor = "`if past_key_values is not None: k, v = past_key_values.update(...)` in a forward"
+    anchor = "`if past_key_values is not None: k, v = past_key_values.update(...)` (or `cache`) in a forward"
     TEMPLATE = (
         "present = ({k}.transpose(1, 2), {v}.transpose(1, 2))\n"
-        "if past_key_values is not None:\n"
-        "    {k} = torch.cat((past_key_values[0].transpose(1, 2), {k}), dim=2)\n"
-        "    {v} = torch.cat((past_key_values[1].transpose(1, 2), {v}), dim=2)\n"
+        "if {cache} is not None:\n"
+        "    {k} = torch.cat(({cache}[0].transpose(1, 2), {k}), dim=2)\n"
+        "    {v} = torch.cat(({cache}[1].transpose(1, 2), {v}), dim=2)\n"
     )
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
         body = list(updated.body.body)
-        pattern = m.If(test=m.Comparison(left=m.Name("past_key_values"), comparisons=[IS_NOT_NONE]),
+        pattern = m.If(test=m.Comparison(left=CACHE_NAME, comparisons=[IS_NOT_NONE]),
                        body=contains(CACHE_UPDATE))
         at = next((i for i, s in enumerate(body) if m.matches(s, pattern)), None)
         if updated.name.value != "forward" or at is None or not isinstance(body[-1], cst.SimpleStatementLine) \
@@ -120,7 +124,8 @@ class CacheToPresent(Rule):
             return updated
         assign = m.findall(body[at], m.Assign(value=CACHE_UPDATE))[0]
         k, v = (_code(e.value) for e in assign.targets[0].target.elements)
-        new = list(cst.parse_module(self.TEMPLATE.format(k=k, v=v)).body)
+        cache = body[at].test.left.value
+        new = list(cst.parse_module(self.TEMPLATE.format(k=k, v=v, cache=cache)).body)
         new[0] = self.mark(new[0].with_changes(leading_lines=body[at].leading_lines), "this step's K/V, BSHD")
         ret = body[-1].body[0]
         out = ret.value.elements[0].value
@@ -169,7 +174,7 @@ class ModelUnpacksLayer(Rule):
         if not m.matches(updated, pattern):
             return updated
         assign = updated.body[0]
-        args = [a.with_changes(value=cst.Name("None")) if a.keyword and a.keyword.value == "past_key_values" else a
+        args = [a.with_changes(value=cst.Name("None")) if a.keyword and a.keyword.value in CACHE_NAMES else a
                 for a in assign.value.args]
         target = cst.Tuple([cst.Element(assign.targets[0].target), cst.Element(cst.Name("_"))], lpar=[], rpar=[])
         new = assign.with_changes(targets=[assign.targets[0].with_changes(target=target)],

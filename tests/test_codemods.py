@@ -132,3 +132,25 @@ def test_run_patch_is_idempotent_through_markers():
     twice, second = run_patch(patch, "p", "m.py", once, markers(once))
     assert (first.outcome, second.outcome) == (Outcome.APPLIED, Outcome.ALREADY_APPLIED)
     assert twice.code == once.code
+
+
+@pytest.mark.parametrize("cache", ["past_key_values", "cache"])
+def test_cache_to_present_takes_either_cache_name(cache):
+    """transformers 5.24 renamed the attention's `past_key_values` argument to `cache`."""
+    from surgery.patches.native import CacheToPresent
+
+    src = (f"def forward(self, h, {cache}=None):\n"
+           "    k, v = self.k(h), self.v(h)\n"
+           f"    if {cache} is not None:\n"
+           f"        k, v = {cache}.update(k, v, self.layer_idx)\n"
+           "    return attn(k, v), w\n")
+    out = rewrite(CacheToPresent(), src)
+    assert out == (f"def forward(self, h, {cache}=None):\n"
+                   "    k, v = self.k(h), self.v(h)\n"
+                   "    # surgery: test/rule: this step's K/V, BSHD\n"
+                   "    present = (k.transpose(1, 2), v.transpose(1, 2))\n"
+                   f"    if {cache} is not None:\n"
+                   f"        k = torch.cat(({cache}[0].transpose(1, 2), k), dim=2)\n"
+                   f"        v = torch.cat(({cache}[1].transpose(1, 2), v), dim=2)\n"
+                   "    # surgery: test/rule: returns present\n"
+                   "    return attn(k, v), present\n")
