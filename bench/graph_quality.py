@@ -18,7 +18,8 @@ import onnx
 import onnxruntime as ort
 
 from surgery.apply import plan_apply, write_plan
-from surgery.export.exporter import ExportOptions, export_model, random_inputs
+from surgery.contract import random_inputs
+from surgery.export.exporter import ExportOptions, export_model
 from surgery.fixtures.native import FAMILIES, build_native
 from surgery.fixtures.qwen_v1 import TinyQwenConfig, build
 from surgery.manifest import Manifest

@@ -20,13 +20,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
 from surgery.compile.commands import run_logged
 from surgery.errors import SurgeryError
-from surgery.export.exporter import write_bf16_table
 from surgery.fsutil import atomic_write_json, atomic_write_text
 from surgery.manifest import GraphSpec, Manifest
+from surgery.onnxio import (
+    data_file,
+    load_structure,
+    rename_locations,
+    save_graph,
+    seal,
+    table_of,
+    unseal,
+    write_bf16_rows,
+)
 from surgery.runtime import OnnxModel
 
 CHIPS = {"ax650": ("AX650", "NPU3"), "ax630c": ("AX620E", "NPU2")}
@@ -45,8 +53,10 @@ class AxeraOptions:
     weight_type: str = "S8"  # S8 weights, U16 activations: what the LLM builds use
 
 
-def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str]) -> onnx.ModelProto:
-    """Rename I/O to the Axera runtime's names; drop the batch axis ([N, H], [kv_len, kv_heads*head_dim])."""
+def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str],
+             weights: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """Rename I/O to the Axera runtime's names; drop the batch axis ([N, H], [kv_len, kv_heads*head_dim]).
+    Inputs named in `weights` (sealed external weights) are left as they are."""
     graph = gs.import_onnx(model)
 
     def boundary(tensor: gs.Variable, new_shape: list[int], is_input: bool) -> gs.Variable:
@@ -67,7 +77,7 @@ def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str]) -> o
             return shape[2:]
         return shape[1:] if len(shape) > 1 else shape
 
-    graph.inputs = [boundary(t, axera_shape(t), True) for t in graph.inputs]
+    graph.inputs = [t if t.name in weights else boundary(t, axera_shape(t), True) for t in graph.inputs]
     graph.outputs = [boundary(t, axera_shape(t), False) for t in graph.outputs]
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
@@ -98,6 +108,20 @@ def capture(onnx_dir: Path, options: AxeraOptions) -> dict[str, list[dict[str, n
         n = int(rng.integers(4, max(5, min(m.seq_length // 2, 24))))
         recorder.generate(rng.integers(0, m.vocab_size, n).tolist(), options.calibration_tokens)
     return recorder.seen
+
+
+def kit_graph(onnx_dir: Path, graph: GraphSpec, dst: Path, kv_width: int, rename: dict[str, str]) -> onnx.ModelProto:
+    """The graph in the runtime's names, written into the kit with its own copy of its external weights
+    (the kit goes into Pulsar2's container on its own; a copy, not a link, as newer onnx refuses links)."""
+    model = load_structure(onnx_dir / graph.file)
+    sealed = seal(model)
+    model = axera_io(model, kv_width, rename, frozenset(sealed.tensors))
+    unseal(model, sealed)
+    if graph.data_file:
+        shutil.copyfile(onnx_dir / graph.data_file, data_file(dst))
+        rename_locations(model, {graph.data_file: data_file(dst).name})
+    save_graph(model, dst)
+    return model
 
 
 def write_calibration(path: Path, samples: list[np.ndarray]) -> None:
@@ -153,8 +177,7 @@ def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
     for graph in (g for g in manifest.graphs if g.kind in KINDS):
         name = names.get(graph.name, f"{manifest.model_type}_{graph.name}")
         rename = POST_IO if graph.kind == "lm_head" else BLOCK_IO
-        model = axera_io(onnx.load(str(onnx_dir / graph.file)), kv_width, rename)
-        onnx.save(model, str(out / "onnx" / f"{name}.onnx"))
+        model = kit_graph(onnx_dir, graph, out / "onnx" / f"{name}.onnx", kv_width, rename)
         calib = {}
         for t in graph.inputs:
             axera_name = rename.get(t.name, t.name)
@@ -176,9 +199,7 @@ def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
     if manifest.embedding_file:
         shutil.copyfile(onnx_dir / manifest.embedding_file["file"], embedding)
     else:
-        initializers = onnx.load(str(onnx_dir / "embedding.onnx")).graph.initializer
-        table = next(onnx.numpy_helper.to_array(t) for t in initializers if len(t.dims) == 2)
-        write_bf16_table(torch.from_numpy(table.copy()), embedding)
+        write_bf16_rows(table_of(onnx_dir / "embedding.onnx"), embedding)
     script = "#!/usr/bin/env bash\n# Pulsar2 builds for every graph (written by `surgery compile --chip " \
              f"{options.chip}`).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + \
              "".join(shlex.join(c) + "\n" for c in commands)

@@ -50,6 +50,21 @@ class SafetensorsIndex:
                 with safe_open(str(path), framework="pt") as handle:
                     self.files |= dict.fromkeys(handle.keys(), path)
 
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator:
+        """A lazily sliced view of one tensor (`view[a:b]` reads only those rows)."""
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            yield handle.get_slice(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a 2-D tensor, read without loading the rest (vocabulary tables)."""
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_slice(name)[start:stop]
+
+    def shape(self, name: str) -> list[int]:
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return list(handle.get_slice(name).get_shape())
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -68,20 +83,24 @@ class Resident:
                  aliases: dict[str, str] | None = None) -> None:
         self.model, self.index, self.dtype = model, index, dtype
         self.aliases = aliases or {}  # parameter name -> checkpoint key (tied weights)
-        self.loaded: set[str] = set()
+        self.loaded: set[tuple[str, frozenset[str]]] = set()
 
-    def hold(self, paths: Iterable[str]) -> None:
-        wanted = set(paths)
-        for path in self.loaded - wanted:
-            self._set(path, load=False)
-        for path in wanted - self.loaded:
-            self._set(path, load=True)
+    def hold(self, paths: Iterable[str], skip: Iterable[str] = ()) -> None:
+        """Load the parameters under `paths` (except the full names in `skip`, e.g. vocabulary tables that
+        export streams instead) and drop every other loaded parameter."""
+        wanted = {(path, frozenset(skip)) for path in paths}
+        for key in self.loaded - wanted:
+            self._set(key[0], load=False)
+        for key in wanted - self.loaded:
+            self._set(key[0], load=True, skip=key[1])
         self.loaded = wanted
 
-    def _set(self, path: str, load: bool) -> None:
+    def _set(self, path: str, load: bool, skip: frozenset[str] = frozenset()) -> None:
         module = attrgetter(path)(self.model) if path else self.model
         params = [(f"{path}.{name}" if path else name, owner, leaf)
                   for name, owner, leaf in _named_params(module)]
+        if load:
+            params = [p for p in params if p[0] not in skip]
         tensors = {}
         if load:
             keys = {full: self.aliases.get(full, full) for full, _, _ in params}

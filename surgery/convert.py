@@ -14,7 +14,7 @@ from pathlib import Path
 
 from surgery.apply import plan_apply, read_config, write_plan
 from surgery.errors import SurgeryError
-from surgery.fsutil import atomic_write_json, sha256_text
+from surgery.fsutil import atomic_write_json, link_tree, sha256_text
 from surgery.manifest import Manifest
 from surgery.packs import ApplyOptions, resolve_pack
 
@@ -83,7 +83,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     def do_optimize(dst: Path) -> dict:
         from surgery.optimize import optimize_dir
 
-        shutil.copytree(stages_dir / "export", dst, dirs_exist_ok=True)
+        link_tree(stages_dir / "export", dst)
         reports = optimize_dir(dst, o.chip, keep=False)
         return {"graphs": {r.graph: {"cosine": r.cosine, "counts": r.counts} for r in reports}}
 

@@ -88,3 +88,17 @@ def staged_directory(final: Path) -> Iterator[Path]:
     os.replace(stage, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (no bytes copied; safe because every stage replaces files, never edits them
+    in place), or copy when the filesystem cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """A copy of a directory tree made of hard links where possible (a 7B export is tens of GB)."""
+    shutil.copytree(src, dst, copy_function=lambda s, d: link_or_copy(Path(s), Path(d)), dirs_exist_ok=True)

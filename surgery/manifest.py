@@ -34,12 +34,14 @@ class GraphSpec:
     outputs: list[TensorSpec]
     sha256: str
     layer: int | None = None
-    data_file: str | None = None  # external weights beside the graph (graphs over ~1.8 GB)
+    data_file: str | None = None  # external weights (large graphs; vocabulary tables, shared between graphs)
+    data_sha256: str | None = None
 
     @classmethod
     def of(cls, raw: dict) -> GraphSpec:
         return cls(raw["name"], raw["file"], raw["kind"], [TensorSpec.of(t) for t in raw["inputs"]],
-                   [TensorSpec.of(t) for t in raw["outputs"]], raw["sha256"], raw.get("layer"), raw.get("data_file"))
+                   [TensorSpec.of(t) for t in raw["outputs"]], raw["sha256"], raw.get("layer"), raw.get("data_file"),
+                   raw.get("data_sha256"))
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Manifest:
         "input_ids": "int32",
         "rope": "inside each block: cos/sin tables are constants gathered by position_ids",
         "decode_history": "history_k/v hold SEQ slots; write the new token's past_k/v at position len-1",
+        "final_norm": "lm_head",  # or "last_block": the last layer's blocks end with it, lm_head is the product
     })
     source: dict = field(default_factory=dict)  # patched model dir, its surgery.json hashes
     versions: dict = field(default_factory=dict)

@@ -1,111 +1,162 @@
 """`surgery optimize`: run a target's pass pipeline over every graph of an export directory.
 
-Each graph is checked on onnxruntime against the graph it came from (cosine >= 0.99999 on every output);
-a failing pipeline is replayed pass by pass to name the pass that broke it. Originals move to
-`original/` (same file names, so external data references stay valid) unless `--no-keep`; new graphs are
-written to temp files and renamed; the manifest records the pipeline and node counts.
+Graphs are loaded without their external weights, which are sealed into plain inputs while the passes
+run (surgery/onnxio.py): at 7B no pass reads, copies or re-serializes a weight it does not rewrite, and a
+graph over 2 GB optimizes like a small one. A graph no pass changed is left as it is; a changed one is
+checked on onnxruntime against the graph it came from (cosine >= 0.99999 on every output), and a failing
+pipeline is replayed pass by pass to name the pass that broke it. Unless `--no-keep`, each changed graph's
+original stays beside it as `<name>.original.onnx`, reading the same (unchanged) data file; the manifest
+records the pipeline and node counts.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from surgery.contract import random_inputs
 from surgery.errors import SurgeryError
-from surgery.export.exporter import EXTERNAL_DATA_ABOVE, random_inputs
 from surgery.fsutil import sha256_file
 from surgery.manifest import GraphSpec, Manifest
+from surgery.onnxio import load_structure, ort_session, save_graph, seal, unseal
 from surgery.parity import compare
-from surgery.passes import PASSES, run_pass
+from surgery.passes import PASSES, final_norm, run_pass
 from surgery.passes.base import opset_of
 from surgery.passes.pipelines import TARGETS
 
 MIN_COSINE = 0.99999
-ORIGINALS = "original"
+ORIGINAL_SUFFIX = ".original.onnx"
 
 
 @dataclass
 class GraphReport:
     graph: str
     counts: list[tuple[str, int, int]]  # (pass, sites, nodes after); first row: ("input", 0, nodes)
-    cosine: float | None
+    cosine: float | None  # None: not checked (checking off, or no pass changed the graph)
 
 
 def pipeline(target: str, passes: list[str] | None = None, skip: tuple[str, ...] = ()) -> list[str]:
     if target not in TARGETS:
         raise SurgeryError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    names = [n for n in (passes or TARGETS[target]["passes"]) if n not in skip]
-    unknown = sorted(set(names) - set(PASSES))
+    names = passes or TARGETS[target]["passes"]
+    unknown = sorted((set(names) | set(skip)) - set(PASSES))
     if unknown:
         raise SurgeryError(f"no pass named {unknown[0]!r}; see `surgery passes`")
-    return names
+    return [n for n in names if n not in skip]
 
 
-def _run(model: onnx.ModelProto, feeds: dict) -> list:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+def _outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort_session(path)
+    try:
+        return session.run(None, feeds)
+    finally:
+        del session
 
 
 def _worst(got: list, want: list) -> float:
     return min(compare("", "", a, b).cosine for a, b in zip(got, want, strict=True))
 
 
-def optimize_graph(model: onnx.ModelProto, names: list[str], graph: GraphSpec, vocab: int,
-                   check: bool) -> tuple[onnx.ModelProto, GraphReport]:
+def _passes(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[tuple[str, int, int]]]:
+    """The passes over a graph's structure (external weights sealed), with sites and node counts."""
+    sealed = seal(model)
     counts = [("input", 0, len(model.graph.node))]
-    original = model
     for name in names:
         model, sites = run_pass(model, PASSES[name])
         counts.append((name, sites, len(model.graph.node)))
-    cosine = None
-    if check:
-        feeds = random_inputs(graph, vocab)
-        want = _run(original, feeds)
-        cosine = _worst(_run(model, feeds), want)
-        if not cosine >= MIN_COSINE:
-            replay = original
-            for name in names:
-                replay, _ = run_pass(replay, PASSES[name])
-                if not _worst(_run(replay, feeds), want) >= MIN_COSINE:
-                    raise SurgeryError(f"{graph.name}: pass {name} changes the outputs (cosine {cosine:.6f}); "
-                                       f"rerun with --skip {name}")
-    return model, GraphReport(graph.name, counts, cosine)
+    unseal(model, sealed)
+    return model, counts
 
 
-def _save(model: onnx.ModelProto, path: Path) -> str | None:
-    """Write `model` to `path` atomically; large weights go to `<name>.onnx.data`. Returns that name."""
-    data = path.with_name(path.name + ".data")
-    tmp = path.with_name(f".{path.name}.tmp")
-    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE
-    if large:
-        tmp_data = f".{data.name}.tmp"
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=tmp_data, size_threshold=1024)
-        # the graph names the final data file; rename the data first, then the graph
-        model = onnx.load(str(tmp), load_external_data=False)
-        for t in model.graph.initializer:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    entry.value = data.name
-        onnx.save_model(model, str(tmp))
-        os.replace(path.with_name(tmp_data), data)
-    else:
-        onnx.save_model(model, str(tmp))
-        if data.exists():
-            data.unlink()
-    os.replace(tmp, path)
-    return data.name if large else None
+def original_of(path: Path) -> Path:
+    """Where `surgery optimize` keeps a graph as it was before its first optimization."""
+    return path.with_name(path.name.removesuffix(".onnx") + ORIGINAL_SUFFIX)
+
+
+def optimize_graph(path: Path, names: list[str], graph: GraphSpec, vocab: int, check: bool,
+                   keep: bool = True) -> GraphReport:
+    """Optimize the graph at `path` in place (atomically). External weights are never touched."""
+    original = load_structure(path)
+    model, counts = _passes(onnx.ModelProto.FromString(original.SerializeToString()), names)
+    if not any(sites for _, sites, _ in counts):
+        return GraphReport(graph.name, counts, None)
+    tmp = path.with_name(f".{path.name}.opt.tmp")
+    try:
+        save_graph(model, tmp)
+        cosine = None
+        if check:
+            feeds = random_inputs(graph, vocab)
+            want = _outputs(path, feeds)
+            cosine = _worst(_outputs(tmp, feeds), want)
+            if not cosine >= MIN_COSINE:
+                _blame(original, names, path, tmp, feeds, want, graph.name, cosine)
+        if keep and not original_of(path).exists():
+            save_graph(original, original_of(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return GraphReport(graph.name, counts, cosine)
+
+
+def _blame(original: onnx.ModelProto, names: list[str], path: Path, tmp: Path, feeds: dict, want: list,
+           graph: str, cosine: float) -> None:
+    """Replay the pipeline one pass at a time and name the first pass that changes the outputs."""
+    for i, name in enumerate(names):
+        model, _ = _passes(onnx.ModelProto.FromString(original.SerializeToString()), names[: i + 1])
+        save_graph(model, tmp)
+        if not _worst(_outputs(tmp, feeds), want) >= MIN_COSINE:
+            raise SurgeryError(f"{graph}: pass {name} changes the outputs (cosine {cosine:.6f}); "
+                               f"rerun with --skip {name}")
+    raise SurgeryError(f"{graph}: the pipeline changes the outputs (cosine {cosine:.6f}) though no single "
+                       "prefix of it does; rerun with --no-check to inspect")
+
+
+def move_final_norm(directory: Path, manifest: Manifest, check: bool, keep: bool) -> dict | None:
+    """Run the final-norm move (passes/final_norm.py) and check last block -> head end to end."""
+    rewritten = final_norm.plan(directory, manifest)
+    if rewritten is None:
+        return None
+    temps = {name: directory / f".{manifest.graph(name).file}.norm.tmp" for name in rewritten}
+    try:
+        for name, model in rewritten.items():
+            save_graph(model, temps[name])
+        worst = None
+        if check:
+            head_old, head_new = manifest.graph("lm_head"), temps["lm_head"]
+            for g in final_norm.last_graphs(manifest):
+                if g.name == "lm_head":
+                    continue
+                feeds = random_inputs(g, manifest.vocab_size)
+                want = _outputs(directory / head_old.file,
+                                {"hidden_states": _outputs(directory / g.file, feeds)[0][0, -1:]})
+                got = _outputs(head_new, {"hidden_states": _outputs(temps[g.name], feeds)[0][0, -1:]})
+                cosine = _worst(got, want)
+                worst = cosine if worst is None else min(worst, cosine)
+                if not cosine >= MIN_COSINE:
+                    raise SurgeryError(f"moving the final norm into {g.name} changes the logits (cosine "
+                                       f"{cosine:.6f}); rerun with --no-check to inspect")
+        for name in rewritten:
+            path = directory / manifest.graph(name).file
+            if keep and not original_of(path).exists():
+                save_graph(load_structure(path), original_of(path))
+            os.replace(temps[name], path)
+            manifest.graph(name).sha256 = sha256_file(path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    manifest.conventions["final_norm"] = "last_block"
+    return {"into": sorted(n for n in rewritten if n != "lm_head"), "cosine": worst}
 
 
 def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, skip: tuple[str, ...] = (),
                  keep: bool = True, check: bool = True,
                  progress: Callable[[str], None] = lambda name: None) -> list[GraphReport]:
+    directory = Path(directory)
     manifest = Manifest.read(directory)
     names = pipeline(target, passes, skip)
     if check:
@@ -114,21 +165,17 @@ def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, 
     for graph in manifest.graphs:
         progress(graph.name)
         path = directory / graph.file
-        model = onnx.load(str(path))
-        model, report = optimize_graph(model, names, graph, manifest.vocab_size, check)
+        report = optimize_graph(path, names, graph, manifest.vocab_size, check, keep)
         reports.append(report)
-        if keep and not (directory / ORIGINALS / graph.file).exists():
-            (directory / ORIGINALS).mkdir(exist_ok=True)
-            for file in (graph.file, graph.data_file):
-                if file:
-                    shutil.copy2(directory / file, directory / ORIGINALS / file)
-        graph.data_file = _save(model, path)
         graph.sha256 = sha256_file(path)
-    manifest.opset = max(opset_of(onnx.load(str(directory / g.file), load_external_data=False))
-                         for g in manifest.graphs)
+    moved = None
+    if TARGETS[target].get("final_norm") == "last_block":
+        moved = move_final_norm(directory, manifest, check, keep)
+    manifest.opset = max(opset_of(load_structure(directory / g.file)) for g in manifest.graphs)
     manifest.optimizations.append({
         "target": target, "passes": names, "checked": check,
         "graphs": {r.graph: {"counts": [list(c) for c in r.counts], "cosine": r.cosine} for r in reports},
+        **({"final_norm": moved} if moved else {}),
     })
     manifest.write(directory)
     return reports

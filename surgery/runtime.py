@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from surgery.contract import decode_mask, prefill_mask
 from surgery.errors import SurgeryError
-from surgery.manifest import MASK_VALUE, Manifest
+from surgery.manifest import Manifest
 
 
 @dataclass
@@ -63,9 +64,7 @@ class Runtime:
         hidden = self.embed(ids)
         pos = np.zeros((1, seq), np.int32)
         pos[0, :n] = np.arange(n)
-        rows = np.arange(seq)
-        mask = np.where((rows[None, :] <= rows[:, None]) & (rows[:, None] < n), 0.0, MASK_VALUE)
-        mask = mask[None, None].astype(self.float)
+        mask = prefill_mask(seq, n, self.float)
         k_cache, v_cache = [], []
         for i in range(m.num_layers):
             hidden, k, v = self.run(f"block_{i}", input_states=hidden, position_ids=pos, attention_mask=mask)
@@ -79,8 +78,7 @@ class Runtime:
             t0 = time.perf_counter()
             p = length - 1
             hidden = self.embed(np.array([[token]], np.int32))
-            slots = np.arange(seq + 1)
-            dmask = np.where((slots < p) | (slots == seq), 0.0, MASK_VALUE)[None, None, None].astype(self.float)
+            dmask = decode_mask(seq, p, self.float)
             for i in range(m.num_layers):
                 hidden, k, v = self.run(f"block_cache_{i}", input_states=hidden,
                                         position_ids=np.array([[p]], np.int32), attention_mask=dmask,
@@ -100,17 +98,14 @@ class Runtime:
 
 
 class OnnxModel(Runtime):
-    """The exported graphs on onnxruntime (CPU)."""
+    """The exported graphs on onnxruntime (CPU). `prepack=False` for one-shot parity references: weights
+    stay memory-mapped instead of copied."""
 
-    def __init__(self, directory: str | Path) -> None:
-        import onnxruntime as ort
+    def __init__(self, directory: str | Path, prepack: bool = True) -> None:
+        from surgery.onnxio import ort_session
 
         super().__init__(directory)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sessions = {g.name: ort.InferenceSession(str(self.dir / g.file), opts,
-                                                      providers=["CPUExecutionProvider"])
-                         for g in self.manifest.graphs}
+        self.sessions = {g.name: ort_session(self.dir / g.file, prepack) for g in self.manifest.graphs}
 
     def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.sessions[name].run(None, feeds)

@@ -18,8 +18,8 @@ import pytest
 from helpers import export_native, generic_copy
 
 from surgery.compile.axera import AxeraOptions, compile_axera
+from surgery.contract import random_inputs
 from surgery.errors import SurgeryError
-from surgery.export.exporter import random_inputs
 from surgery.manifest import Manifest
 
 FAKE = Path(__file__).with_name("fakes") / "pulsar2.py"

@@ -13,9 +13,11 @@ import pytest
 import torch
 from helpers import export_native, generic_copy
 
+from surgery.compile.checks import DELTA
 from surgery.compile.sophgo import MIN_COSINE, SophgoOptions, compile_sophgo, deploy_flags
 from surgery.compile.toolchains import bin_env, installed
 from surgery.errors import SurgeryError
+from surgery.fsutil import sha256_file
 from surgery.manifest import Manifest
 from surgery.passes import PASSES, run_pass
 
@@ -44,31 +46,52 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_tpu_mlir
-@pytest.mark.parametrize("quantize", ["f16", "w4bf16"])
-def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quantize: str):
-    manifest = compile_sophgo(onnx_dir, tmp_path / "out", SophgoOptions(quantize=quantize, group_size=32))
+@pytest.mark.parametrize(("quantize", "check"), [("f16", "all"), ("w4bf16", "sample")])
+def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quantize: str, check: str):
+    manifest = compile_sophgo(onnx_dir, tmp_path / "out", SophgoOptions(quantize=quantize, group_size=32,
+                                                                       check=check))
     assert (tmp_path / "out" / f"llama_{quantize}_seq{SEQ}_1dev.bmodel").is_file()
     rows = manifest.compiled["parity"]
-    assert {r["graph"] for r in rows} == {g.name for g in manifest.graphs}
+    everything = {g.name for g in manifest.graphs}
+    # sample: every decode block and the first prefill block; weightless heads are not simulated
+    want = everything if check == "all" else everything - {"block_1", "greedy_head", "penalty_sample_head"}
+    assert {r["graph"] for r in rows} == want and manifest.compiled["check"] == check
     hidden = [r["cosine"] for r in rows if r["output"] == "hidden_states"]
-    assert len(hidden) == 4 and min(hidden) >= MIN_COSINE[quantize]
-    assert "--addr_mode io_alone" in manifest.compiled["commands"]["block_cache_0"][1]
+    assert len(hidden) == (4 if check == "all" else 3) and min(hidden) >= MIN_COSINE[quantize]
+    assert len([r for r in rows if r["output"] == DELTA]) == len(hidden)
+    assert ["--addr_mode", "io_alone"] == [f for f in manifest.compiled["routes"]["block_cache_0"]["deploy"]
+                                           if f in ("--addr_mode", "io_alone")]
     # a rerun compiles nothing: every graph comes from the cache
     again = tmp_path / "again"
-    compile_sophgo(onnx_dir, again, SophgoOptions(quantize=quantize, group_size=32, check=False))
+    compile_sophgo(onnx_dir, again, SophgoOptions(quantize=quantize, group_size=32, check="none"))
     assert not list((again / "work").glob("*/compile.log"))
+    assert Manifest.read(again).compiled["parity"] == []
 
 
 @needs_tpu_mlir
-def test_compiler_failure_reports_graph_command_and_log(onnx_dir: Path, tmp_path: Path):
+def test_compiler_failure_reports_graph_and_log(onnx_dir: Path, tmp_path: Path):
     broken = tmp_path / "broken"
     shutil.copytree(onnx_dir, broken)
-    (broken / "lm_head.onnx").write_bytes(b"not a model")
+    # a valid graph the compiler cannot take: an op from a custom domain
+    head = Manifest.read(broken).graph("penalty_sample_head")
+    node = onnx.helper.make_node("Frobnicate", [head.inputs[0].name], [head.outputs[0].name], domain="com.example")
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info(
+        head.inputs[0].name, onnx.TensorProto.FLOAT, head.inputs[0].shape)], [onnx.helper.make_tensor_value_info(
+            head.outputs[0].name, onnx.TensorProto.FLOAT, head.inputs[0].shape)])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                            onnx.helper.make_opsetid("com.example", 1)]),
+              broken / head.file)
+    manifest = Manifest.read(broken)
+    manifest.graph(head.name).sha256 = sha256_file(broken / head.file)
+    manifest.write(broken)
     with pytest.raises(SurgeryError) as err:
         compile_sophgo(broken, tmp_path / "out", SophgoOptions(quantize="f16", jobs=1))
     message = str(err.value)
-    assert "model_transform of graph lm_head failed" in message and "command: model_transform" in message
-    assert f"last 30 lines of {tmp_path / 'out' / 'work' / 'lm_head' / 'compile.log'}" in message
+    assert "model_transform of graph penalty_sample_head failed" in message
+    assert f"last 30 lines of {tmp_path / 'out' / 'work' / 'penalty_sample_head' / 'compile.log'}" in message
+    (broken / "lm_head.onnx").write_bytes(b"not a model")  # a damaged graph: one line before any compiling
+    with pytest.raises(SurgeryError, match="lm_head.onnx is not a readable ONNX graph"):
+        compile_sophgo(broken, tmp_path / "out2", SophgoOptions(quantize="f16", jobs=1))
 
 
 def test_opset23_graphs_are_refused_with_the_fix(onnx_dir: Path, tmp_path: Path):

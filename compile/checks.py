@@ -1,0 +1,53 @@
+"""Compiled graphs against their ONNX graph on onnxruntime: which graphs to check, and how one is checked.
+
+The same structure repeats per layer, so the default `sample` level runs the graphs that can differ: both
+embedding nets, the first prefill block (prefill blocks are the slow ones on a simulator), every decode
+block (cheap: one token; they carry each layer's weights, so a bad layer shows there) and the head.
+Weightless heads (greedy/sampling) are never simulated at `sample`; `all` runs every graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from surgery.contract import random_inputs
+from surgery.manifest import GraphSpec, Manifest
+from surgery.onnxio import ort_session
+from surgery.parity import Parity, compare
+
+LEVELS = ("none", "sample", "all")
+WEIGHTLESS = ("greedy_head", "penalty_sample_head", "sample_head")
+DELTA = "hidden_states - input_states"
+
+
+def sampled(manifest: Manifest, level: str) -> list[GraphSpec]:
+    if level == "none":
+        return []
+    if level == "all":
+        return list(manifest.graphs)
+    first = min((g.layer for g in manifest.graphs if g.kind == "block"), default=None)
+    return [g for g in manifest.graphs
+            if g.kind not in WEIGHTLESS and (g.kind != "block" or g.layer == first)]
+
+
+def check_graph(onnx_dir, graph: GraphSpec, vocab: int,
+                run_compiled: Callable[[GraphSpec, dict[str, np.ndarray]], list[np.ndarray]]) -> list[Parity]:
+    """One graph: compiled outputs vs onnxruntime on the same contract inputs. For blocks also what the block
+    added to its input (the residual dominates `hidden_states`: zeroed weights would still score 0.96)."""
+    feeds = random_inputs(graph, vocab)
+    session = ort_session(onnx_dir / graph.file)
+    try:
+        want = session.run(None, feeds)
+    finally:
+        del session
+    got = run_compiled(graph, feeds)
+    rows = []
+    for spec, g, w in zip(graph.outputs, got, want, strict=True):
+        g = np.asarray(g).reshape(w.shape)
+        rows.append(compare(graph.name, spec.name, g, w))
+        if spec.name == "hidden_states" and "input_states" in feeds and g.shape == feeds["input_states"].shape:
+            rows.append(compare(graph.name, DELTA, g - feeds["input_states"],
+                                w - feeds["input_states"]))
+    return rows

@@ -1,0 +1,280 @@
+"""A long-lived TPU-MLIR worker. Runs inside the `sophgo` toolchain environment (Python 3.10 + tpu_mlir 1.30.2;
+`surgery` is not importable there), one per job slot, so the compiler's 7-8 s of imports are paid once per
+worker instead of twice per graph.
+
+    python tpumlir_worker.py        # requests on stdin, one JSON object per line; answers the same way
+
+Ops (every path absolute; each job runs in its own working directory, its output appended to `log`):
+  transform  {workdir, log, name, onnx, shapes}        ONNX -> top MLIR, lean: no onnxsim pass (surgery
+                                                        optimize already folded the graph), no second full
+                                                        load for the QAT check, no `_opt.onnx` re-save, and
+                                                        external weights memory-mapped instead of copied
+  table      {workdir, log, name, kind, table, npz, weight_type, in_shape, out_shape}
+                                                        a graph that is only a vocabulary-table lookup
+                                                        (`gather`) or product (`matmul`) -> top MLIR built
+                                                        directly on a shared weight file (as llm_convert
+                                                        does), so nets on one table get byte-identical
+                                                        weights that `model_tool --combine` stores once
+  deploy     {workdir, log, args}                       model_deploy with its command-line arguments
+  simulate   {log, bmodel, net, inputs, outputs}        one net on the CPU simulator (.npz in and out)
+"""
+
+import ast
+import contextlib
+import gc
+import json
+import os
+import sys
+import traceback
+
+CHANNEL = None  # our answers; fd 1 is pointed at the current job's log
+
+
+def _lift_parser(module):
+    """The CLI's argparse parser, which tpu_mlir builds inside `if __name__ == '__main__'` (same defaults)."""
+    tree = ast.parse(open(module.__file__).read())
+    main = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.dump(n.test)][-1]
+    body = []
+    for stmt in main.body:
+        text = ast.dump(stmt)
+        if "parse_args" in text or "parse_known_args" in text:
+            break
+        if "logger.info" not in ast.unparse(stmt):
+            body.append(stmt)
+    scope = dict(vars(module))
+    exec(compile(ast.Module(body=body, type_ignores=[]), module.__file__, "exec"), scope)
+    return scope["parser"]
+
+
+class Tools:
+    """TPU-MLIR's modules, imported once, with the lean ONNX loader installed."""
+
+    def __init__(self):
+        import tpu_mlir
+
+        tools = os.path.join(os.path.dirname(tpu_mlir.__file__), "python", "tools")
+        sys.path.insert(0, tools)
+        import model_deploy
+        import model_transform
+        from tpu_mlir.python.utils import auto_remove
+        from transform import OnnxConverter
+
+        self.transform_mod, self.deploy_mod, self.auto_remove = model_transform, model_deploy, auto_remove
+        self.transform_parser = _lift_parser(model_transform)
+        self.deploy_parser = _lift_parser(model_deploy)
+        OnnxConverter.OnnxConverter.load_onnx_model = lean_load_onnx_model
+        self.models = {}  # the simulator's one loaded bmodel: {path: (model, nets)}
+
+
+def _external_array(tensor, base):
+    """An external initializer as a read-only memory map (float32 stays a map; other dtypes are converted)."""
+    import numpy as np
+    from onnx import TensorProto
+
+    info = {e.key: e.value for e in tensor.external_data}
+    dtypes = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: np.uint16,
+              TensorProto.INT32: np.int32, TensorProto.INT64: np.int64}
+    array = np.memmap(os.path.join(base, info["location"]), dtype=dtypes[tensor.data_type], mode="r",
+                      offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+    if tensor.data_type == TensorProto.BFLOAT16:
+        return (np.asarray(array).astype(np.uint32) << 16).view(np.float32)
+    return array if tensor.data_type == TensorProto.FLOAT else np.asarray(array).astype(np.float32)
+
+
+def lean_load_onnx_model(self, onnx_file, input_shapes, output_names, static_shape=True, dump_final_opt=True):
+    """OnnxConverter.load_onnx_model without the full in-memory load and the `_opt.onnx` re-save."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from transform.OnnxOpt import onnx_opt
+
+    model = onnx.load(onnx_file, load_external_data=False)
+    base = os.path.dirname(os.path.abspath(onnx_file))
+    external = {t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    for t in external.values():  # so any later numpy_helper.to_array() finds the file from another cwd
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = os.path.join(base, entry.value)
+    self.model = model
+    if output_names:
+        self.select_output(output_names)
+    self.input_names = self.get_input_names(self.model)
+    self.num_input = len(self.input_names)
+    self.dynamic_input_names_auto_assign()
+    if not self.dynamic_shape_input_names:
+        self.input_shape_assign(input_shapes)
+        if static_shape:
+            self.model_simplify()
+    else:
+        self.model_simplify(input_shapes)
+    self.input_shapes = self.get_input_shapes(self.model)
+    self.input_types = self.get_input_types(self.model)
+    self.output_types = self.get_output_types(self.model)
+    for tensor in self.model.graph.initializer:
+        data = _external_array(tensor, "/") if tensor.name in external else \
+            numpy_helper.to_array(tensor).astype(np.float32)
+        self.addWeight(tensor.name, data)
+    self.get_output_name(self.model.graph)
+    if self.dynamic:
+        self.get_dynamic_op_shape(self.model)
+    self.onnx_file = onnx_file
+    if static_shape:
+        self.model, self.node_name_mapping = onnx_opt(self.model, False)
+
+
+@contextlib.contextmanager
+def job(tools, workdir, log):
+    """Run in `workdir` with fds 1 and 2 (ours and the compiler's subprocesses') appended to `log`."""
+    old = os.getcwd()
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
+    saved = os.dup(1), os.dup(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        os.chdir(old)
+        tools.auto_remove.g_auto_remove_files.clear()  # a global list TPU-MLIR never clears
+        gc.collect()
+
+
+def op_transform(tools, r):
+    shapes = json.dumps(r["shapes"]).replace(" ", "")
+    args, unknown = tools.transform_parser.parse_known_args(
+        ["--model_name", r["name"], "--model_def", r["onnx"], "--input_shapes", shapes, "--mlir", f"{r['name']}.mlir"])
+    args.do_onnx_sim = False
+    tool = tools.transform_mod.get_model_transform(args)
+    tool.model_transform(args.mlir, args.add_postprocess, args.patterns_count, args.pruning, args.log_level)
+    tool.file_recorder.dump()
+    tool.cleanup()
+    del tool
+
+
+def _table_npz(r):
+    """The shared weight file of a table, written once: BF16/F16 bit patterns or float32."""
+    import numpy as np
+
+    if os.path.exists(r["npz"]):
+        return
+    t = r["table"]
+    stored = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[t["dtype"]]
+    rows = np.memmap(t["file"], dtype=stored, mode="r", offset=t.get("offset", 0), shape=tuple(t["shape"]))
+    out = np.empty(rows.shape, np.uint16 if r["weight_type"] in ("BF16", "F16") else np.float32)
+    for start in range(0, rows.shape[0], 8192):
+        chunk = np.asarray(rows[start:start + 8192])
+        if t["dtype"] == "bfloat16":
+            chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
+        chunk = chunk.astype(np.float32)
+        if r["weight_type"] == "BF16":  # round to nearest even, as torch does
+            bits = chunk.view(np.uint32)
+            chunk = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        elif r["weight_type"] == "F16":
+            chunk = chunk.astype(np.float16).view(np.uint16)
+        out[start:start + len(chunk)] = chunk
+    tmp = f"{r['npz']}.{os.getpid()}.tmp.npz"  # two workers may build the same table at once
+    np.savez(tmp, table=out)
+    os.replace(tmp, r["npz"])
+
+
+def op_table(tools, r):
+    import mlir.dialects.top as top
+    from mlir.ir import Location
+    from tpu_mlir.python.transform.MLIRImporter import MLIRImporter, Platform
+
+    _table_npz(r)
+    vocab, hidden = r["table"]["shape"]
+    types = ["INT32"] if r["kind"] == "gather" else ["F32"]
+    mi = MLIRImporter([r["in_shape"]], [r["out_shape"]], r["name"], Platform.LLM, input_types=types,
+                      weight_file=r["npz"])
+
+    def loc(name):
+        return Location.fused([Location.name(name)], context=mi.ctx)
+
+    x = mi.create_input_op(loc(r["input"]), 0)
+    weight = mi.create_weight_op("table", [vocab, hidden], r["weight_type"])
+    if r["kind"] == "gather":
+        y = top.GatherOp(mi.get_tensor_type(r["out_shape"]), weight, x, axis=0, loc=loc(r["output"]),
+                         ip=mi.insert_point).output
+    else:
+        y = top.MatMulOp(mi.get_tensor_type([vocab, 1]), weight, x, mi.none_op, do_relu=False, right_transpose=True,
+                         loc=loc(r["output"] + "_matmul"), ip=mi.insert_point).output
+        y = top.ReshapeOp(mi.get_tensor_type(r["out_shape"]), y, loc=loc(r["output"]), ip=mi.insert_point).output
+    mi.create_return_op([y])
+    with open(f"{r['name']}.mlir", "w") as fh:
+        fh.write(mi.print_module())
+
+
+def op_deploy(tools, r):
+    args = tools.deploy_parser.parse_args(r["args"])
+    tool = tools.deploy_mod.DeployTool(args)
+    tool.lowering()
+    tool.build_model()
+    tool.cleanup()
+    del tool
+
+
+def op_simulate(tools, r):
+    import numpy as np
+    import pyruntime_bm
+    from tpu_mlir.python.utils.lowering import bf16_to_fp32, lowering
+
+    if r["bmodel"] not in tools.models:
+        # a Model freed after another was loaded corrupts the new one's results: drop it first
+        tools.models.clear()
+        gc.collect()
+        model = pyruntime_bm.Model(r["bmodel"], 0, "")
+        tools.models[r["bmodel"]] = (model, {})
+    model, nets = tools.models[r["bmodel"]]
+    net = nets.setdefault(r["net"], model.Net(r["net"]))
+    feeds = dict(np.load(r["inputs"]))
+    shapes = []
+    for t in net.inputs:
+        x = feeds[t.name]
+        t.data.reshape(-1)[:x.size] = lowering(x, pdtype=t.dtype, pshape=x.shape, pzero_point=t.qzero_point,
+                                               pscale=t.qscale).ravel()
+        shapes.append(list(x.shape))
+    outs = {}
+    for t, shape in zip(net.outputs, net.forward_dynamic(shapes), strict=True):
+        data = bf16_to_fp32(t.data) if t.dtype == "bf16" else np.array(t.data, dtype=np.float32)
+        outs[t.name] = data.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+    np.savez(r["outputs"], **outs)
+
+
+OPS = {"transform": op_transform, "table": op_table, "deploy": op_deploy, "simulate": op_simulate}
+
+
+def main():
+    global CHANNEL
+    CHANNEL = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints go to stderr, never into our answers
+    tools = Tools()
+    CHANNEL.write(json.dumps({"ok": True, "ready": True}) + "\n")
+    CHANNEL.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            with job(tools, request.get("workdir"), request["log"]):
+                OPS[request["op"]](tools, request)
+            answer = {"ok": True}
+        except BaseException as exc:  # report and keep serving; the log has the compiler's output
+            with open(request["log"], "a") as fh:
+                fh.write(traceback.format_exc())
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        CHANNEL.write(json.dumps(answer) + "\n")
+        CHANNEL.flush()
+
+
+if __name__ == "__main__":
+    main()

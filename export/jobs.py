@@ -1,0 +1,84 @@
+"""The graphs of the block contract as export jobs: which wrapper, with which example inputs and names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from surgery.export.arch import ArchSpec
+from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, PenaltySampleHead, Prefill
+from surgery.manifest import MASK_VALUE
+from surgery.onnxio import EXTERNAL_DATA_ABOVE
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    seq_length: int
+    dtype: str = "fp32"
+    blocks: tuple[int, ...] | None = None  # None: every layer
+    opset: int = 17
+    trust_remote_code: bool = False
+    external_data_above: int = EXTERNAL_DATA_ABOVE
+    embedding_disk: bool = False  # a raw bf16 table for the host instead of embedding graphs
+    exporter: str = "torchscript"  # or "dynamo" (torch.export based; may raise the opset to 18)
+    table_dtype: str | None = None  # vocabulary tables: None = the graphs' dtype
+
+
+@dataclass
+class Job:
+    """One graph to export: its wrapper module, example inputs, I/O names."""
+
+    name: str
+    kind: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    layer: int | None = None
+    needs: tuple[str, ...] = ()  # submodules whose weights must be loaded
+    tables: dict[str, str] = field(default_factory=dict)  # wrapper parameter -> model parameter (vocab tables)
+
+
+def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
+              blocks: tuple[int, ...] | None = None, embedding_graphs: bool = True) -> list[Job]:
+    cfg = model.config
+    hidden, dtype = cfg.hidden_size, DTYPES[dtype_name]
+    kv, hd = spec.num_kv_heads(cfg), spec.head_dim(cfg)
+    layers = spec.part(model, spec.layers)
+    chosen = range(len(layers)) if blocks is None else blocks
+    cos, sin = spec.rope_tables(model, seq)
+    wte = spec.part(model, spec.embedding)
+    ids = torch.zeros(1, seq, dtype=torch.int32)
+    mask = torch.full((seq, seq), MASK_VALUE).triu(1)[None, None].to(dtype)
+    states = torch.randn(1, seq, hidden, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(seq, dtype=torch.int32)[None]
+    table = {"wte.weight": f"{spec.embedding}.weight"}
+    jobs = [] if not embedding_graphs else [
+        Job("embedding", "embedding", Embedding(wte), {"input_ids": ids}, ["input_states"],
+            needs=(spec.embedding,), tables=table),
+        Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"],
+            needs=(spec.embedding,), tables=table),
+    ]
+    # two distinct tensors: torch.export merges inputs that are the same object into one graph input
+    history_k, history_v = torch.randn(2, 1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    for i in chosen:
+        jobs.append(Job(f"block_{i}", "block", Prefill(spec, layers[i], cos, sin),
+                        {"input_states": states, "position_ids": pos, "attention_mask": mask},
+                        ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
+        jobs.append(Job(f"block_cache_{i}", "block_cache", Decode(spec, layers[i], cos, sin),
+                        {"input_states": states[:, :1], "position_ids": pos[:, :1],
+                         "attention_mask": torch.zeros(1, 1, 1, seq + 1, dtype=dtype),
+                         "history_k": history_k, "history_v": history_v},
+                        ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
+    head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head))
+    jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"],
+                    needs=(spec.final_norm, spec.lm_head), tables={"head.weight": f"{spec.lm_head}.weight"}))
+    jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
+                    {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype)}, ["token"]))
+    jobs.append(Job("penalty_sample_head", "penalty_sample_head", PenaltySampleHead(),
+                    {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype), "input_ids": ids,
+                     "top_p": torch.tensor([0.8]), "temperature": torch.tensor([0.7]),
+                     "penalty": torch.tensor([1.1])}, ["probs", "tokens"]))
+    return jobs

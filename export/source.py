@@ -1,0 +1,89 @@
+"""The patched model directory export reads: preflight checks, and the model as a weightless skeleton.
+
+`load_streaming` builds the model with its parameters on the meta device and a `Resident` that loads one
+module's weights at a time from safetensors, so export memory is one block, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from surgery.apply import RECORD
+from surgery.errors import SurgeryError
+from surgery.export.arch import spec_for
+from surgery.export.jobs import DTYPES, ExportOptions
+from surgery.export.weights import Resident, SafetensorsIndex, parameters_on_meta
+
+
+def check_source(model_dir: Path, options: ExportOptions) -> dict:
+    """Preflight a directory written by `surgery apply`; return its config (nothing is loaded or run)."""
+    record_path = model_dir / RECORD
+    if not model_dir.is_dir() or not record_path.is_file():
+        raise SurgeryError(f"{model_dir} was not produced by `surgery apply`; run `surgery apply <pack> "
+                           f"--model {model_dir}` first and export its output")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("auto_map") and not options.trust_remote_code:
+        raise SurgeryError(f"{model_dir} runs its own modeling code (auto_map); pass --trust-remote-code "
+                           "if you trust it")
+    if spec_for(str(config.get("model_type"))) is None:
+        raise SurgeryError(f"export has no spec for model_type {config.get('model_type')!r}; "
+                           "is there a pack for it (`surgery list`)?")
+    check_weights(model_dir)
+    return config
+
+
+def _loading(model_dir: Path, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    try:
+        return build().eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeryError(f"cannot load {model_dir}: {first}; check the weights files") from None
+
+
+def load_full(model_dir: Path, options: ExportOptions) -> tuple[torch.nn.Module, dict]:
+    """The whole model in memory (what per-model export scripts do; kept for comparison in bench/)."""
+    config = check_source(model_dir, options)
+    from transformers import AutoModelForCausalLM
+
+    model = _loading(model_dir, lambda: AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=options.trust_remote_code, dtype=DTYPES[options.dtype]))
+    return model, config
+
+
+def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, dict]:
+    """A parameter-less skeleton plus a loader that holds one module's weights at a time."""
+    config = check_source(model_dir, options)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build() -> torch.nn.Module:
+        cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code)
+        with parameters_on_meta():
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=options.trust_remote_code,
+                                                    dtype=DTYPES[options.dtype])
+
+    model = _loading(model_dir, build)
+    spec = spec_for(config["model_type"])
+    aliases = ({f"{spec.lm_head}.weight": f"{spec.embedding}.weight"}
+               if config.get("tie_word_embeddings") else {})
+    return Resident(model, SafetensorsIndex(model_dir), DTYPES[options.dtype], aliases), config
+
+
+def check_weights(model_dir: Path) -> None:
+    """Fail early, in one line, on missing, dangling or corrupt safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SurgeryError(f"{model_dir} has no *.safetensors weights; copy or link them in (or re-run apply)")
+    for path in files:
+        if not path.exists():
+            raise SurgeryError(f"{path.name} links to {path.resolve()}, which is missing; restore the weights")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise SurgeryError(f"{path.name} is not a readable safetensors file ({exc}); re-download it") from None
