@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgery.compile.checks import DELTA, LEVELS, check_graph, sampled
+from surgery.checks import DELTA, LEVELS, check_graph, sampled
 from surgery.compile.commands import run_logged
 from surgery.compile.toolchains import bin_env, home, installed, python_of
 from surgery.compile.tpumlir import TpuMlirWorker, WorkerPool

@@ -35,6 +35,12 @@ class Exporter(StrEnum):
     dynamo = "dynamo"
 
 
+class Check(StrEnum):
+    none = "none"
+    sample = "sample"
+    all = "all"
+
+
 class FixtureRevision(StrEnum):
     nov = "2023-11"
     dec = "2023-12"
@@ -307,11 +313,12 @@ def compile_cmd(
     quant_bits: Annotated[int | None, typer.Option(help="MNN: weight bits, 4 or 8 (default: float).")] = None,
     quant_block: Annotated[int, typer.Option(help="MNN: weight quantization block, 32/64/128.")] = 64,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Graphs compiled in parallel.")] = 2,
-    check: Annotated[bool, typer.Option("--check/--no-check", help="Check every compiled graph against "
-                                        "onnxruntime (simulator for Sophgo).")] = True,
+    check: Annotated[Check, typer.Option(help="Compiled graphs checked against onnxruntime (the simulator for "
+                                         "Sophgo): none, sample (embeddings, first prefill block, every decode "
+                                         "block, head) or all.")] = Check.sample,
     as_json: Annotated[bool, typer.Option("--json", help="Parity table on stdout.")] = False,
 ) -> None:
-    """Compile an export for a chip, then check every graph against onnxruntime.
+    """Compile an export for a chip, then check the compiled graphs against onnxruntime.
 
     Example: surgery compile ./qwen-onnx --chip bm1684x -q w4bf16 -g 64 -o ./qwen-bm1684x
     """
@@ -320,7 +327,7 @@ def compile_cmd(
 
         if quant_bits not in (None, 4, 8):
             raise SurgeryError(f"--quant-bits {quant_bits} is not supported; use 4 or 8")
-        manifest = compile_mnn(onnx_dir, out_dir, bits=quant_bits, block=quant_block, jobs=jobs, check=check)
+        manifest = compile_mnn(onnx_dir, out_dir, bits=quant_bits, block=quant_block, jobs=jobs, check=check.value)
     elif chip in ("ax650", "ax630c"):
         from surgery.compile.axera import AxeraOptions, compile_axera
 
@@ -338,7 +345,7 @@ def compile_cmd(
         from surgery.compile.sophgo import SophgoOptions, compile_sophgo
 
         manifest = compile_sophgo(onnx_dir, out_dir, SophgoOptions(chip, quantize, group_size, symmetric, num_core,
-                                                                  num_device, jobs, check))
+                                                                  num_device, jobs, check.value))
     rows = manifest.compiled["parity"]
     if as_json:
         _emit_json({"out": str(out_dir), "chip": chip, "parity": rows})
@@ -372,6 +379,9 @@ def convert_cmd(
                                                  "host instead of graphs.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                     help="Allow the model's own modeling code to run.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Graphs compiled in parallel.")] = 2,
+    check: Annotated[Check, typer.Option(help="Graphs checked at each stage: none, sample (embeddings, first "
+                                         "prefill block, every decode block, head) or all.")] = Check.sample,
     as_json: Annotated[bool, typer.Option("--json", help="Result on stdout.")] = False,
 ) -> None:
     """apply -> export -> optimize -> compile -> verify, into a device bundle with report.md/report.html.
@@ -384,7 +394,8 @@ def convert_cmd(
     from surgery.convert import ConvertOptions, convert
 
     options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
-                             num_core, symmetric, max_input_length, embedding_disk, trust_remote_code)
+                             num_core, symmetric, max_input_length, embedding_disk, trust_remote_code, jobs,
+                             check.value)
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("converting", total=None)
         result = convert(options, progress=lambda stage: bar.update(task, description=f"{stage}"))

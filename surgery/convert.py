@@ -16,6 +16,7 @@ from surgery.apply import plan_apply, read_config, write_plan
 from surgery.errors import SurgeryError
 from surgery.fsutil import atomic_write_json, link_tree, sha256_text
 from surgery.manifest import Manifest
+from surgery.memwatch import PeakWatch
 from surgery.packs import ApplyOptions, resolve_pack
 
 STATE = "convert.json"
@@ -39,6 +40,7 @@ class ConvertOptions:
     embedding_disk: bool = False
     trust_remote_code: bool = False
     jobs: int = 2
+    check: str = "sample"  # none | sample | all: graphs checked at every stage (surgery/checks.py)
 
 
 @dataclass
@@ -66,6 +68,9 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     trust = o.trust_remote_code or bool(pack.sources)
     stages_dir = out / "stages"
     timings: dict[str, float] = {}
+    peaks: dict[str, dict[str, float]] = {}
+    # TPU-MLIR builds its table nets in the chip's float type: export the tables in bf16 once, not fp32
+    table_dtype = "bf16" if o.chip in SOPHGO and o.quantize in ("bf16", "w8bf16", "w4bf16") else None
 
     def do_apply(dst: Path) -> dict:
         plan = plan_apply(pack, model, ApplyOptions(seq_length=o.seq_length, dtype="fp32"))
@@ -77,14 +82,15 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         from surgery.export.verify import verify_export
 
         export_model(stages_dir / "apply", dst, ExportOptions(seq_length=o.seq_length, embedding_disk=o.embedding_disk,
-                                                              trust_remote_code=trust))
-        return {"parity": [r.as_dict() for r in verify_export(dst, trust_remote_code=trust)]}
+                                                              trust_remote_code=trust, table_dtype=table_dtype))
+        rows = verify_export(dst, trust_remote_code=trust, level=o.check) if o.check != "none" else []
+        return {"parity": [r.as_dict() for r in rows]}
 
     def do_optimize(dst: Path) -> dict:
         from surgery.optimize import optimize_dir
 
         link_tree(stages_dir / "export", dst)
-        reports = optimize_dir(dst, o.chip, keep=False)
+        reports = optimize_dir(dst, o.chip, keep=False, check=o.check)
         return {"graphs": {r.graph: {"cosine": r.cosine, "counts": r.counts} for r in reports}}
 
     def do_compile(dst: Path) -> dict:
@@ -92,7 +98,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         if o.chip == "mnn":
             from surgery.compile.mnn import compile_mnn
 
-            manifest = compile_mnn(src, dst, bits=mnn_bits(o.quantize), block=o.q_group_size, jobs=o.jobs)
+            manifest = compile_mnn(src, dst, bits=mnn_bits(o.quantize), block=o.q_group_size, jobs=o.jobs,
+                                   check=o.check)
         elif o.chip in AXERA:
             from surgery.compile.axera import AxeraOptions, compile_axera
 
@@ -101,7 +108,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
             from surgery.compile.sophgo import SophgoOptions, compile_sophgo
 
             manifest = compile_sophgo(src, dst, SophgoOptions(o.chip, o.quantize, o.q_group_size, o.symmetric,
-                                                              o.num_core, o.num_device, o.jobs))
+                                                              o.num_core, o.num_device, o.jobs, o.check))
         return {"parity": manifest.compiled.get("parity", [])}
 
     model_hash = sha256_text(json.dumps({p.name: [p.stat().st_size, int(p.stat().st_mtime)]
@@ -109,8 +116,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     opts = {k: str(v) for k, v in asdict(o).items() if k not in ("out_dir", "jobs")}
     stages = [
         Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length}),
-        Stage("export", do_export, {"embedding_disk": o.embedding_disk}),
-        Stage("optimize", do_optimize, {"target": o.chip}),
+        Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check}),
+        Stage("optimize", do_optimize, {"target": o.chip, "check": o.check}),
         Stage("compile", do_compile, opts),
     ]
     state_path = out / STATE
@@ -126,20 +133,24 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         if not stale and record and record["key"] == key and dst.exists():
             results[stage.name] = record["result"]
             timings[stage.name] = record["seconds"]
+            peaks[stage.name] = record.get("peak_mb", {})
             continue
         stale = True
         progress(stage.name)
         shutil.rmtree(dst, ignore_errors=True)
         start = time.perf_counter()
-        results[stage.name] = stage.run(dst)
+        with PeakWatch() as watch:
+            results[stage.name] = stage.run(dst)
         timings[stage.name] = time.perf_counter() - start
-        done[stage.name] = {"key": key, "result": results[stage.name], "seconds": timings[stage.name]}
+        peaks[stage.name] = {"process": watch.process_mb, "tree": watch.tree_mb}
+        done[stage.name] = {"key": key, "result": results[stage.name], "seconds": timings[stage.name],
+                            "peak_mb": peaks[stage.name]}
         atomic_write_json(state_path, {"options": opts, "stages": done})
     bundle(out, o, pack.name)
     from surgery.report import write_report
 
-    write_report(out, results, timings, o)
-    return {"out": str(out), "timings": timings}
+    write_report(out, results, timings, o, peaks)
+    return {"out": str(out), "timings": timings, "peak_mb": peaks}
 
 
 def bundle(out: Path, o: ConvertOptions, pack: str) -> None:

@@ -78,16 +78,22 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def write_report(out: Path, results: dict, timings: dict[str, float], options) -> None:
+def write_report(out: Path, results: dict, timings: dict[str, float], options,
+                 peaks: dict[str, dict[str, float]] | None = None) -> None:
     export = Manifest.read(out / "stages" / "export")
     table = similarity(results)
     files = sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("report."))
     patches = results.get("apply", {}).get("patches", [])
     title = (f"{export.model_type} ({export.architecture}) for {options.chip}, {options.quantize}, "
-             f"seq {export.seq_length}")
+             f"seq {export.seq_length}, checks: {options.check}")
+    peaks = peaks or {}
+    stage_rows = [[s, f"{t:.1f}", *(f"{peaks.get(s, {}).get(k, 0):,.0f}" for k in ("tree", "process"))]
+                  for s, t in timings.items()]
+    stage_head = ["stage", "seconds", "peak RSS, process tree (MB)", "peak RSS, largest process (MB)"]
 
-    md = [f"# surgery convert: {title}", "", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    md += [f"| {s} | {t:.1f} |" for s, t in timings.items()]
+    md = [f"# surgery convert: {title}", "", "## Time and memory per stage", "", "| " + " | ".join(stage_head) + " |",
+          "|---|---|---|---|"]
+    md += ["| " + " | ".join(r) + " |" for r in stage_rows]
     md += ["", "## Similarity per graph (worst output cosine)", "",
            "| graph | " + " | ".join(label for _, label in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
     md += [f"| {g} | " + " | ".join(f"{row[s]:.7f}" if s in row else "-" for s, _ in STAGES) + " |"
@@ -114,7 +120,7 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options) -
 
     similarity_rows = "".join(f"<tr><td>{html.escape(g)}</td>" + "".join(cell(row, s) for s, _ in STAGES) + "</tr>"
                               for g, row in table.items())
-    stage_head = "".join(f"<th>{label}</th>" for _, label in STAGES)
+    similarity_head = "".join(f"<th>{label}</th>" for _, label in STAGES)
     contract = rows(["graph", "inputs", "outputs"], [
         [g.name, ", ".join(f"{t.name} {t.shape} {t.dtype}" for t in g.inputs),
          ", ".join(f"{t.name} {t.shape}" for t in g.outputs)] for g in export.graphs])
@@ -122,8 +128,8 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options) -
         f"<h1>surgery convert</h1><p>{html.escape(title)}</p>",
         "<h2>Similarity at every stage</h2><p>Per graph, the worst output's 1 - cosine against the stage before "
         "(lower is better; hover a bar for the value).</p>" + chart(table),
-        f"<table><tr><th>graph</th>{stage_head}</tr>{similarity_rows}</table>",
-        "<h2>Time per stage</h2>" + rows(["stage", "seconds"], [[s, f"{t:.1f}"] for s, t in timings.items()]),
+        f"<table><tr><th>graph</th>{similarity_head}</tr>{similarity_rows}</table>",
+        "<h2>Time and memory per stage</h2>" + rows(stage_head, stage_rows),
         "<h2>Sizes</h2>" + rows(["file", "bytes"], [[p.name, f"{_size(p):,}"] for p in files]),
         "<h2>Block contract</h2>" + contract,
         "<h2>Patches</h2>" + rows(["patch", "outcome", "rule / reason"],

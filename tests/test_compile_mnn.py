@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import export_native
 
+from surgery.checks import DELTA
 from surgery.compile.mnn import compile_mnn
 from surgery.compile.toolchains import installed
 from surgery.errors import SurgeryError
@@ -29,10 +30,11 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("bits,floor", [(None, 0.9999), (8, 0.99), (4, 0.95)])
 def test_compile_checks_every_graph(onnx_dir: Path, tmp_path: Path, bits: int | None, floor: float):
-    manifest = compile_mnn(onnx_dir, tmp_path / "mnn", bits=bits, block=32)
+    manifest = compile_mnn(onnx_dir, tmp_path / "mnn", bits=bits, block=32, check="all")
     rows = manifest.compiled["parity"]
     assert {r["graph"] for r in rows} == {g.name for g in manifest.graphs}
     assert min(r["cosine"] for r in rows if r["output"] == "hidden_states") >= floor
+    assert len([r for r in rows if r["output"] == DELTA]) == 4  # what each block adds, beside its output
     assert all((tmp_path / "mnn" / g.file).is_file() for g in manifest.graphs)
     assert manifest.backend == "mnn" and manifest.compiled["weight_quant_bits"] == bits
 

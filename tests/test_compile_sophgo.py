@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import export_native, generic_copy
 
-from surgery.compile.checks import DELTA
+from surgery.checks import DELTA
 from surgery.compile.sophgo import MIN_COSINE, SophgoOptions, compile_sophgo, deploy_flags
 from surgery.compile.toolchains import bin_env, installed
 from surgery.errors import SurgeryError
