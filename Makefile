@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := build/demo
 
-.PHONY: setup toolchains demo test lint clean
+.PHONY: setup toolchains demo test test-slow lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint toolchains
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+# Realistic shapes (real hidden sizes and vocabularies, few layers): minutes each, GBs of disk.
+test-slow: lint toolchains
+	$(BIN)/pytest -m slow
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

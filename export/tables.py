@@ -59,9 +59,9 @@ def write_table(index: SafetensorsIndex, table: Table, out: Path,
     return digest.hexdigest()
 
 
-def standin(table: Table) -> torch.Tensor:
-    """What a graph is traced with in place of the table: same columns and dtype, a few zero rows."""
-    return torch.zeros(STANDIN_ROWS, *table.shape[1:], dtype=table.dtype)
+def standin(table: Table, dtype: torch.dtype) -> torch.Tensor:
+    """What a graph is traced with in place of the table: same columns, the graph's dtype, a few zero rows."""
+    return torch.zeros(STANDIN_ROWS, *table.shape[1:], dtype=dtype)
 
 
 def rows_for_ids(index: SafetensorsIndex, table: Table, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -25,7 +24,7 @@ from surgery.export.jobs import Job
 from surgery.export.tables import Table, standin
 from surgery.fsutil import STAGING_PREFIX
 from surgery.manifest import TensorSpec
-from surgery.onnxio import DataWriter, data_file, external_tensor, inline_tensor, save_graph
+from surgery.onnxio import DataWriter, data_file, external_tensor, inline_tensor, save_graph, tensor_dtype
 
 ONNX_TO_NUMPY = {onnx.TensorProto.BFLOAT16: "bfloat16"}
 
@@ -104,6 +103,22 @@ def _head_as_gemm(graph: onnx.GraphProto, table: str) -> bool:
     return True
 
 
+def _cast_table(graph: onnx.GraphProto, table: str, to: int) -> None:
+    """A table stored in another dtype than the graph computes in: `Gather` then `Cast` (only the gathered
+    rows are converted), or `Cast` then the product."""
+    for node in _consumers(graph, table):
+        at = list(graph.node).index(node)
+        if node.op_type == "Gather":
+            out = node.output[0]
+            node.output[0] = f"{out}_stored"
+            graph.node.insert(at + 1, onnx.helper.make_node("Cast", [node.output[0]], [out], to=to,
+                                                            name=f"{node.name}_cast"))
+        else:
+            cast = onnx.helper.make_node("Cast", [table], [f"{table}_cast"], to=to, name=f"{table}_cast")
+            node.input[list(node.input).index(table)] = cast.output[0]
+            graph.node.insert(at, cast)
+
+
 def _attach_weights(model: onnx.ModelProto, params: dict[str, torch.Tensor], tables: dict[str, Table],
                     data: Path | None) -> None:
     """Graph inputs named after parameters become initializers (transposes of 2-D weights folded)."""
@@ -119,8 +134,9 @@ def _attach_weights(model: onnx.ModelProto, params: dict[str, torch.Tensor], tab
                 table = tables[name]
                 if not _consumers(graph, name)[0].op_type == "Gather":
                     _head_as_gemm(graph, name)
-                dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(table.dtype).removeprefix("torch."))) \
-                    if table.dtype != torch.bfloat16 else onnx.TensorProto.BFLOAT16
+                dtype = tensor_dtype(torch.zeros(0, dtype=table.dtype))
+                if table.dtype != tensor.dtype:  # stored narrower than the graph computes: cast where it is read
+                    _cast_table(graph, name, tensor_dtype(torch.zeros(0, dtype=tensor.dtype)))
                 initializers.append(external_tensor(name, dtype, table.shape, table.file, 0, table.nbytes))
                 continue
             users = _consumers(graph, name)
@@ -164,7 +180,7 @@ def export_job(job: Job, path: Path, opset: int, tables: dict[str, Table], exter
     if exporter == "dynamo":
         return _export_dynamo(job, path, opset, external_above)
     params: dict[str, torch.Tensor] = dict(unique_parameters(job.module))
-    traced = {name: standin(tables[name]) if name in tables else p for name, p in params.items()}
+    traced = {name: standin(tables[name], p.dtype) if name in tables else p for name, p in params.items()}
     own_bytes = sum(p.numel() * p.element_size() for name, p in params.items() if name not in tables)
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{path.stem}-", dir=path.parent))
     data = data_file(path)

@@ -117,7 +117,9 @@ def seal(model: onnx.ModelProto) -> Sealed:
 
     Passes then see a small graph (shape inference and onnxslim serialize it whole) and treat the weights
     as opaque tensors, which is all they ever need of a weight they do not rewrite."""
-    sealed = {t.name: t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    sealed = {t.name: t for t in model.graph.initializer
+              if t.data_location == onnx.TensorProto.EXTERNAL and t.data_type in floats}
     if not sealed:
         return Sealed({})
     kept = [t for t in model.graph.initializer if t.name not in sealed]

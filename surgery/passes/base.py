@@ -72,6 +72,14 @@ def run_pass(model: onnx.ModelProto, p: GraphPass | ModelPass, **options: object
 
 # --- small helpers the passes share -------------------------------------------------------------
 
+def np_dtype(dtype: object) -> np.dtype | None:
+    """A tensor's dtype as numpy's, or None when unknown or numpy has none (bfloat16 arrives as an enum)."""
+    try:
+        return None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        return None
+
+
 def const(t: gs.Tensor | None) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant node output), else None."""
     if isinstance(t, gs.Constant):

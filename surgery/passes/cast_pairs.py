@@ -6,11 +6,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from surgery.passes.base import GraphPass, producer, register
+from surgery.passes.base import GraphPass, np_dtype, producer, register
 from surgery.passes.transpose_pairs import bypass
 
 
-def _dtype(to: int) -> np.dtype:
+def _dtype(to: int) -> np.dtype | None:
+    """numpy's dtype for an ONNX type; None for types numpy lacks (bfloat16, whose casts are never no-ops here)."""
+    if to == onnx.TensorProto.BFLOAT16:
+        return None
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
 
 
@@ -28,13 +31,15 @@ def cast_pairs(graph: gs.Graph) -> int:
     for cast in [n for n in graph.nodes if n.op == "Cast"]:
         x = cast.inputs[0]
         to = _dtype(cast.attrs["to"])
-        if x.dtype is not None and np.dtype(x.dtype) == to:
+        if to is None:
+            continue
+        if np_dtype(x.dtype) == to:
             sites += bypass(graph, cast, x)
             continue
         first = producer(x, "Cast")
         src = first.inputs[0] if first is not None else None
-        if src is not None and src.dtype is not None and np.dtype(src.dtype) == to \
-                and _widens(to, _dtype(first.attrs["to"])):
+        mid = _dtype(first.attrs["to"]) if first is not None else None
+        if src is not None and np_dtype(src.dtype) == to and mid is not None and _widens(to, mid):
             sites += bypass(graph, cast, src)
     return sites
 

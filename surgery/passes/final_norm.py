@@ -22,14 +22,22 @@ from surgery.onnxio import load_structure
 PREFIX = "final_norm/"
 
 
+def table_cast(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
+    """The `Cast` that turns a table stored in bf16/fp16 into the graph's dtype, if `name` is its output."""
+    tables = {t.name for t in model.graph.initializer
+              if len(t.dims) == 2 and t.data_location == onnx.TensorProto.EXTERNAL}
+    return next((n for n in model.graph.node if n.op_type == "Cast" and n.output[0] == name and n.input[0] in tables),
+                None)
+
+
 def table_product(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The head's `Gemm(x, table, transB=1)` on a 2-D external initializer, if it ends the graph."""
+    """The head's `Gemm(x, table, transB=1)` on a 2-D external initializer (or its Cast), if it ends the graph."""
     tables = {t.name for t in model.graph.initializer
               if len(t.dims) == 2 and t.data_location == onnx.TensorProto.EXTERNAL}
     for node in model.graph.node:
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        if node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in tables and trans_b == 1 \
-                and node.output[0] == model.graph.output[0].name:
+        reads_table = len(node.input) == 2 and (node.input[1] in tables or table_cast(model, node.input[1]))
+        if node.op_type == "Gemm" and reads_table and trans_b == 1 and node.output[0] == model.graph.output[0].name:
             return node
     return None
 
@@ -37,7 +45,7 @@ def table_product(model: onnx.ModelProto) -> onnx.NodeProto | None:
 def _norm_part(head: onnx.ModelProto, gemm: onnx.NodeProto) -> tuple[list[onnx.NodeProto], set[str]]:
     """The nodes that compute the Gemm's input from the graph input, and the initializers they read."""
     producers = {out: n for n in head.graph.node for out in n.output}
-    needed, stack, seen = [], [gemm.input[0]], set()
+    needed, stack, seen = [], [gemm.input[0]], set()  # the norm: what feeds the product's activation input
     while stack:
         name = stack.pop()
         node = producers.get(name)
@@ -88,11 +96,14 @@ def head_only(head: onnx.ModelProto, gemm: onnx.NodeProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(head)
     del out.graph.node[:]
+    cast = table_cast(head, gemm.input[1])
+    if cast is not None:
+        out.graph.node.append(cast)
     node = onnx.NodeProto()
     node.CopyFrom(gemm)
     node.input[0] = head.graph.input[0].name
     out.graph.node.append(node)
-    keep = [t for t in head.graph.initializer if t.name == gemm.input[1]]
+    keep = [t for t in head.graph.initializer if t.name in (gemm.input[1], cast and cast.input[0])]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
     del out.graph.value_info[:]

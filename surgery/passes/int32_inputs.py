@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from surgery.passes.base import GraphPass, register
+from surgery.passes.base import GraphPass, np_dtype, register
 
 
 def int32_inputs(graph: gs.Graph) -> int:
     sites = 0
     for i, x in enumerate(list(graph.inputs)):
-        if x.dtype is None or np.dtype(x.dtype) != np.int64:
+        if np_dtype(x.dtype) != np.int64:
             continue
         narrow = gs.Variable(x.name, dtype=np.int32, shape=x.shape)
         x.name = f"{x.name}_int64"

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from surgery.passes.base import GraphPass, register
+from surgery.passes.base import GraphPass, np_dtype, register
 
 
 def _graph_inputs_behind(t: gs.Tensor, seen: set[int] | None = None) -> set[str] | None:
@@ -41,7 +41,8 @@ def _positions(graph: gs.Graph, pos: gs.Variable) -> int:
 
 def rope_tables(graph: gs.Graph) -> int:
     pos = next((t for t in graph.inputs if "position" in t.name and t.dtype is not None
-                and np.issubdtype(np.dtype(t.dtype), np.integer) and t.shape and len(t.shape) == 2), None)
+                and np_dtype(t.dtype) is not None and np.issubdtype(np_dtype(t.dtype), np.integer)
+                and t.shape and len(t.shape) == 2), None)
     if pos is None or not isinstance(pos.shape[-1], int):
         return 0
     targets = [n.outputs[0] for n in graph.nodes if n.op in ("Cos", "Sin")
