@@ -35,6 +35,7 @@ from surgery.onnxio import (
     unseal,
     write_bf16_rows,
 )
+from surgery.outputs import claim
 from surgery.runtime import OnnxModel
 
 CHIPS = {"ax650": ("AX650", "NPU3"), "ax630c": ("AX620E", "NPU2")}
@@ -168,6 +169,9 @@ def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
     if manifest.opset > 17 or manifest.backend != "onnxruntime":
         raise SurgeryError(f"{onnx_dir} has opset {manifest.opset} graphs; run `surgery optimize {onnx_dir} "
                            f"--target ax650` first")
+    owned = claim(out, "compile", {"export": onnx_dir})
+    owned.add("onnx/", "calib/", "configs/", "build/", "build.sh", "manifest.json",
+              f"{manifest.model_type}.embed_tokens.bf16.bin", *manifest.tokenizer_files)
     for sub in ("onnx", "calib", "configs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     seen = capture(onnx_dir, options)

@@ -23,8 +23,9 @@ from surgery.checks import DELTA, check_graph, sampled
 from surgery.compile.commands import parallel, run_logged
 from surgery.compile.toolchains import installed, python_of
 from surgery.errors import SurgeryError
-from surgery.fsutil import sha256_file
+from surgery.fsutil import STAGING_PREFIX, sha256_file
 from surgery.manifest import GraphSpec, Manifest
+from surgery.outputs import claim
 from surgery.parity import Parity
 from surgery.runtime import Runtime
 
@@ -114,7 +115,9 @@ def compile_mnn(onnx_dir: Path, out: Path, bits: int | None = None, block: int =
                            "compile the output of `surgery export` or `surgery optimize`")
     manifest.require_numpy_dtype("surgery compile --chip mnn")
     python = python_of("mnn")
-    out.mkdir(parents=True, exist_ok=True)
+    owned = claim(out, "compile", {"export": onnx_dir})
+    owned.add("logs/", "manifest.json", *(f"{g.name}.mnn" for g in manifest.graphs), *manifest.tokenizer_files,
+              *([manifest.embedding_file["file"]] if manifest.embedding_file else []))
     logs = out / "logs"
 
     def convert(graph: GraphSpec) -> GraphSpec:
@@ -124,7 +127,7 @@ def compile_mnn(onnx_dir: Path, out: Path, bits: int | None = None, block: int =
         start = log.stat().st_size if log.is_file() else 0
         # MNNConvert spills every weight of >= 64K elements to `./.__convert_external_data.bin` (a fixed name in
         # its cwd), reads it back and deletes it: concurrent conversions must not share a cwd
-        scratch = Path(tempfile.mkdtemp(prefix=f".{graph.name}-convert-", dir=out))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{graph.name}-convert-", dir=out))
         try:
             run_logged([str(python), str(WORKER), "convert", *convert_args(graph, onnx_dir / graph.file, tmp, bits,
                                                                             block)],

@@ -25,8 +25,10 @@ from surgery.compile.commands import run_logged
 from surgery.compile.toolchains import bin_env, home, installed, python_of
 from surgery.compile.tpumlir import TpuMlirWorker, WorkerPool
 from surgery.errors import SurgeryError
+from surgery.fsutil import sha256_file
 from surgery.manifest import GraphSpec, Manifest
 from surgery.onnxio import load_structure
+from surgery.outputs import claim
 from surgery.passes.final_norm import table_product
 
 CHIPS = ("bm1684x", "bm1688", "cv186ah")
@@ -121,7 +123,10 @@ def compile_sophgo(onnx_dir: Path, out: Path, options: SophgoOptions) -> Manifes
                            "torchscript exporter) first")
     python_of("sophgo")  # a one-line error when the toolchain is missing
     version = installed("sophgo")["version"]
-    out.mkdir(parents=True, exist_ok=True)
+    name = f"{manifest.model_type}_{options.quantize}_seq{manifest.seq_length}_{options.num_device}dev.bmodel"
+    owned = claim(out, "compile", {"export": onnx_dir})
+    owned.add("work/", name, "manifest.json", *manifest.tokenizer_files,
+              *([manifest.embedding_file["file"]] if manifest.embedding_file else []))
     work, cache = out / "work", Path(os.environ.get("SURGERY_CACHE", home().parent / "cache")) / "sophgo"
     cache.mkdir(parents=True, exist_ok=True)
     weight_type = float_mode(options.quantize)
@@ -158,7 +163,6 @@ def compile_sophgo(onnx_dir: Path, out: Path, options: SophgoOptions) -> Manifes
 
     with WorkerPool(options.jobs) as pool:
         built = pool.map(build, manifest.graphs)
-        name = f"{manifest.model_type}_{options.quantize}_seq{manifest.seq_length}_{options.num_device}dev.bmodel"
         combined, tmp = out / name, out / f".{name}.tmp"
         run_logged(["model_tool", "--combine", *(str(path) for _, path, _ in built), "-o", str(tmp)],
                    work / "combine.log", "model_tool --combine", cwd=out, env=bin_env("sophgo"))
@@ -166,8 +170,9 @@ def compile_sophgo(onnx_dir: Path, out: Path, options: SophgoOptions) -> Manifes
         extra = [manifest.embedding_file["file"]] if manifest.embedding_file else []
         for file in [*manifest.tokenizer_files, *extra]:
             shutil.copyfile(onnx_dir / file, out / file)
-        compiled = replace(manifest, backend="bmodel",
-                           graphs=[replace(g, file=name, data_file=None, data_sha256=None) for g in manifest.graphs])
+        digest = sha256_file(combined)
+        compiled = replace(manifest, backend="bmodel", graphs=[replace(g, file=name, sha256=digest, data_file=None,
+                                                                       data_sha256=None) for g in manifest.graphs])
         compiled.compiled = {"chip": options.chip, "quantize": options.quantize, "options": vars(options),
                              "toolchain": {"tpu_mlir": version}, "source": str(onnx_dir), "bmodel": name,
                              "routes": {g: how for g, _, how in built}, "check": options.check, "parity": []}

@@ -27,6 +27,8 @@ from surgery.export.weights import Resident
 from surgery.fsutil import STAGING_PREFIX, atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
 from surgery.onnxio import data_file
+from surgery.outputs import claim
+from surgery.packs import check_seq_length
 
 __all__ = ["ExportOptions", "export_model"]
 
@@ -53,7 +55,10 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
                  progress: Callable[[str], None] = lambda name: None) -> Manifest:
     """Export every graph of the block contract; resumes from `.export-state.json`."""
     model_dir = Path(model_dir)
+    if not 14 <= options.opset <= 20:
+        raise SurgeryError(f"--opset {options.opset} is not supported; use 14 to 20 (vendor compilers take 17)")
     resident, config = load_streaming(model_dir, options)
+    check_seq_length(options.seq_length, config)
     model = resident.model
     spec = spec_for(config["model_type"])
     n_layers = len(spec.part(model, spec.layers))
@@ -63,8 +68,9 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     record = json.loads((model_dir / RECORD).read_text())
     key = sha256_text(json.dumps({"options": asdict(options), "source": record["hashes"],
                                   "weights": _weights_fingerprint(model_dir)}, sort_keys=True))
-    out.mkdir(parents=True, exist_ok=True)
+    owned = claim(out, "export", {"model": model_dir})  # never the model, never what surgery did not write
     clean_interrupted(out)
+    owned.add(STATE)
     state_path = out / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("key") != key:
@@ -79,6 +85,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         existing = _hash(out / table.file)
         if existing is None or state["tables"].get(table.file) != existing:
             progress(table.file)
+            owned.add(table.file)
             state["tables"][table.file] = write_table(resident.index, table, out)
             atomic_write_json(state_path, state)
         checked.add(table.file)
@@ -93,6 +100,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         done = state["graphs"].get(job.name)
         if not (done and _hashes(path, checked) == done["hashes"]):
             progress(job.name)
+            owned.add(path.name, data_file(path).name)
             resident.hold(job.needs, skip={job.tables[n] for n in tables})
             outputs = export_job(job, path, options.opset, tables, options.external_data_above, options.exporter)
             done = {"hashes": _hashes(path, checked), "outputs": [asdict(o) for o in outputs]}
@@ -112,6 +120,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         embedding_file = {"file": EMBEDDING_FILE, "dtype": "bfloat16", "rounding": "nearest-even",
                           "shape": list(table.shape), "sha256": state["tables"][EMBEDDING_FILE]}
     resident.hold([])
+    owned.add(*TOKENIZER_FILES, "manifest.json")
     tokenizer = _copy_tokenizer(model_dir, out)
     cfg = model.config
     manifest = Manifest(

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from surgery.contract import random_inputs
+from surgery.errors import SurgeryError
 from surgery.export.arch import spec_for
 from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
 from surgery.export.source import load_streaming
 from surgery.export.tables import Table, row_chunks, rows_for_ids
 from surgery.export.trace import ParamsAsInputs, unique_parameters
 from surgery.export.weights import Resident
+from surgery.fsutil import sha256_file
 from surgery.manifest import Manifest
 from surgery.onnxio import ort_session
 from surgery.parity import Parity, compare
@@ -53,6 +55,22 @@ def reference(job: Job, feeds: dict[str, np.ndarray], resident: Resident, table_
     return tuple(torch.cat(outs, dim=-1) for outs in zip(*parts, strict=True))
 
 
+def source_model(onnx_dir: Path, manifest: Manifest) -> Path:
+    """The patched model the export came from, only if its code and config are still what was exported: a
+    manifest's path is not trusted by itself (verify may run that model's code)."""
+    raw = manifest.source.get("model_dir") if isinstance(manifest.source, dict) else None
+    model_dir = Path(raw) if isinstance(raw, str) else None
+    if model_dir is None or not (model_dir / "surgery.json").is_file():
+        raise SurgeryError(f"the model {onnx_dir} was exported from ({raw}) is gone or not a `surgery apply` output; "
+                           "re-export to verify")
+    for name, digest in (manifest.source.get("hashes") or {}).items():
+        path = model_dir / name
+        if "/" in name or ".." in name or not path.is_file() or sha256_file(path) != digest.get("after"):
+            raise SurgeryError(f"{model_dir / name} changed since {onnx_dir} was exported from it; re-export to "
+                               "verify")
+    return model_dir
+
+
 def verify_export(onnx_dir: Path, trust_remote_code: bool = False,
                   progress: Callable[[str], None] = lambda name: None, level: str = "all") -> list[Parity]:
     """Every graph (`level` all) or the sample compile/checks.py picks, against the patched torch model."""
@@ -61,7 +79,7 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False,
     layers = sorted({g.layer for g in manifest.graphs if g.layer is not None})
     options = ExportOptions(seq_length=manifest.seq_length, dtype=manifest.dtype, opset=manifest.opset,
                             blocks=tuple(layers), trust_remote_code=trust_remote_code)
-    resident, config = load_streaming(Path(manifest.source["model_dir"]), options)
+    resident, config = load_streaming(source_model(onnx_dir, manifest), options)
     spec = spec_for(config["model_type"])
     jobs = {job.name: job for job in plan_jobs(resident.model, spec, manifest.seq_length, manifest.dtype,
                                                tuple(layers))}

@@ -19,8 +19,9 @@ import libcst as cst
 
 from surgery.codemod import Outcome, Patch, PatchResult, markers, run_patch
 from surgery.errors import SurgeryError
-from surgery.fsutil import atomic_write_json, sha256_file, sha256_text, staged_directory
-from surgery.packs import ApplyOptions, Pack, all_packs, pack_for_model_type
+from surgery.fsutil import atomic_write_json, read_text, sha256_file, sha256_text, staged_directory
+from surgery.outputs import claim, write_record
+from surgery.packs import ApplyOptions, Pack, all_packs, check_seq_length, pack_for_model_type
 
 RECORD = "surgery.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx", ".npz")
@@ -65,7 +66,7 @@ def read_config(model_dir: Path) -> tuple[dict, str]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise SurgeryError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -87,7 +88,7 @@ def check_model_type(pack: Pack, config: dict, model_dir: Path) -> None:
 
 
 def parse_source(path: Path) -> tuple[str, cst.Module]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         return text, cst.parse_module(text)
     except cst.ParserSyntaxError as exc:
@@ -102,6 +103,9 @@ def select_patches(pack: Pack, only: Sequence[str] = (), skip: Sequence[str] = (
     if unknown:
         raise SurgeryError(f"pack {pack.name!r} has no patch {', '.join(unknown)}; "
                            f"its patches: {', '.join(sorted(known))}")
+    both = sorted(set(only) & set(skip))
+    if both:
+        raise SurgeryError(f"patch {both[0]} is in both --only and --skip; name it in one of them")
     return {f: [p for p in patches if (not only or p.id in only) and p.id not in skip]
             for f, patches in pack.files.items()}
 
@@ -132,6 +136,8 @@ def plan_apply(pack: Pack, model_dir: Path, options: ApplyOptions) -> Plan:
     """Run the pack's patches in memory. Raises SurgeryError when a required anchor is missing."""
     config, config_text = read_config(model_dir)
     check_model_type(pack, config, model_dir)
+    if options.seq_length is not None:
+        check_seq_length(options.seq_length, config)
     results: list[PatchResult] = []
     sources: dict[str, tuple[str, str]] = {}
     for filename, patches in select_patches(pack, options.only, options.skip).items():
@@ -153,6 +159,10 @@ def plan_apply(pack: Pack, model_dir: Path, options: ApplyOptions) -> Plan:
 
 
 def default_out(model_dir: Path) -> Path:
+    """`<model>-surgery` beside the model (resolved first: `--model .` names the directory, not `.`)."""
+    model_dir = Path(model_dir)
+    if model_dir.name in ("", ".", ".."):
+        model_dir = model_dir.resolve()
     return model_dir.parent / f"{model_dir.name}-surgery"
 
 
@@ -178,20 +188,10 @@ def _hashes(model_dir: Path, plan: Plan) -> dict[str, dict[str, str]]:
     return hashes
 
 
-def _check_out(out: Path, model_dir: Path, force: bool) -> None:
-    if out.resolve() == model_dir.resolve():
-        raise SurgeryError("--out must differ from --model: the output links the model's weights")
-    if out.exists() and not (out / RECORD).is_file() and not force:
-        raise SurgeryError(f"{out} exists and was not written by surgery; pass --force to replace it, "
-                           "or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise SurgeryError(f"{out} exists and is not a directory; choose another --out")
-
-
 def write_plan(plan: Plan, out: Path, force: bool = False) -> dict:
     """Write the patched model directory atomically; return the record stored as surgery.json."""
     model_dir = plan.model_dir
-    _check_out(out, model_dir, force)
+    claim(out, "apply", {"model": model_dir}, force, create=False)  # never the model, nor what surgery did not write
     record = {
         "tool": "surgery",
         "pack": {"name": plan.pack.name, "version": plan.pack.version, "checked_with": plan.pack.checked_with},
@@ -222,4 +222,5 @@ def write_plan(plan: Plan, out: Path, force: bool = False) -> dict:
             (stage / name).write_text(after, encoding="utf-8")
         (stage / "config.json").write_text(_config_text(plan.config[1]), encoding="utf-8")
         atomic_write_json(stage / RECORD, record)
+        write_record(stage, "apply", {"model": model_dir})
     return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -68,7 +69,8 @@ def apply_cmd(
     load_only: Annotated[bool, typer.Option("--load-only", help="Only the patches that make the unchanged "
                                             "model load on the installed transformers.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unified diff; write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an output directory surgery did not write.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an output surgery wrote for another model "
+                                        "(never a directory surgery did not write).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
 ) -> None:
     """Rewrite a model's modeling code with a patch pack (libcst; the model's code is never run).
@@ -151,13 +153,19 @@ def fixture_cmd(
     """
     from surgery.fixtures.native import FAMILIES, build_native
     from surgery.fixtures.qwen_v1 import build
+    from surgery.fsutil import staged_directory
+    from surgery.outputs import claim, write_record
 
-    if kind == "qwen":
-        path = build(out_dir, revision=revision.value, seed=seed)
-    elif kind in FAMILIES:
-        path = build_native(kind, out_dir, seed=seed)
-    else:
+    if kind != "qwen" and kind not in FAMILIES:
         raise SurgeryError(f"no fixture named {kind!r}; available: qwen, {', '.join(FAMILIES)}")
+    claim(out_dir, "fixture", {}, create=False)  # never over a directory surgery did not write
+    with staged_directory(out_dir) as stage:
+        if kind == "qwen":
+            build(stage, revision=revision.value, seed=seed)
+        else:
+            build_native(kind, stage, seed=seed)
+        write_record(stage, "fixture", {})
+    path = out_dir
     if as_json:
         _emit_json({"fixture": kind, "path": str(path)})
     else:
@@ -314,8 +322,8 @@ def compile_cmd(
     quant_block: Annotated[int, typer.Option(help="MNN: weight quantization block, 32/64/128.")] = 64,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Graphs compiled in parallel.")] = 2,
     check: Annotated[Check, typer.Option(help="Compiled graphs checked against onnxruntime (the simulator for "
-                                         "Sophgo): none, sample (embeddings, first prefill block, every decode "
-                                         "block, head) or all.")] = Check.sample,
+                                         "Sophgo): none, sample (embeddings, every decode block, head) or all "
+                                         "(also prefill blocks and weightless heads).")] = Check.sample,
     as_json: Annotated[bool, typer.Option("--json", help="Parity table on stdout.")] = False,
 ) -> None:
     """Compile an export for a chip, then check the compiled graphs against onnxruntime.
@@ -380,8 +388,11 @@ def convert_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                     help="Allow the model's own modeling code to run.")] = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Graphs compiled in parallel.")] = 2,
-    check: Annotated[Check, typer.Option(help="Graphs checked at each stage: none, sample (embeddings, first "
-                                         "prefill block, every decode block, head) or all.")] = Check.sample,
+    check: Annotated[Check, typer.Option(help="Graphs checked at each stage: none, sample (embeddings, every "
+                                         "decode block, head) or all (also prefill blocks and weightless heads)."
+                                         )] = Check.sample,
+    force: Annotated[bool, typer.Option("--force", help="Replace a bundle surgery wrote for another model "
+                                        "(never a directory surgery did not write).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Result on stdout.")] = False,
 ) -> None:
     """apply -> export -> optimize -> compile -> verify, into a device bundle with report.md/report.html.
@@ -395,7 +406,7 @@ def convert_cmd(
 
     options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
                              num_core, symmetric, max_input_length, embedding_disk, trust_remote_code, jobs,
-                             check.value)
+                             check.value, force)
     with Progress(console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task("converting", total=None)
         result = convert(options, progress=lambda stage: bar.update(task, description=f"{stage}"))
@@ -414,24 +425,25 @@ app.add_typer(tokenizer_app, name="tokenizer")
 def tokenizer_serve_cmd(
     directory: Annotated[Path, typer.Argument(help="Model, export or bundle directory with tokenizer files.")],
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 12345,
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 12345,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                     help="Allow the tokenizer's own code to run.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds a client gets to send a request's headers (and to stay "
+                                                "idle between requests), and again its body.")] = 5.0,
 ) -> None:
-    """Serve /encode (with the chat template), /decode, /bos_id, /eos_id over HTTP.
+    """Serve /encode (with the chat template), /decode, /bos_id, /eos_id over HTTP until SIGTERM or Ctrl-C.
 
     Example: surgery tokenizer serve ./Qwen2.5-0.5B-Instruct --host 127.0.0.1 --port 12345
     """
     from surgery.tokserver import make_server
 
-    server = make_server(directory, host, port, trust_remote_code)
-    out.print(f"serving the tokenizer of {directory} on http://{host}:{server.server_address[1]}")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server = make_server(directory, host, port, trust_remote_code, timeout=timeout)
+    bound, bound_port = server.server_address
+    url_host = f"[{bound}]" if ":" in bound else bound
+    out.print(f"serving the tokenizer of {directory} on http://{url_host}:{bound_port} "
+              f"(vocabulary {server.app.vocab_size})", highlight=False, soft_wrap=True)
+    server.serve_forever()
+    out.print("stopped", highlight=False)
 
 
 def _parse_blocks(text: str | None) -> tuple[int, ...] | None:
@@ -439,12 +451,14 @@ def _parse_blocks(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
     layers: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            layers += range(int(lo), int(hi or lo) + 1)
-    except ValueError:
-        raise SurgeryError(f"--blocks {text!r} is not a layer list; write e.g. 0-3 or 0,2,5") from None
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise SurgeryError(f"--blocks {text!r} is not a layer list; write e.g. 0-3 or 0,2,5")
+        lo, hi = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if hi < lo:
+            raise SurgeryError(f"--blocks range {part.strip()} runs backwards; write {hi}-{lo}")
+        layers += range(lo, hi + 1)
     return tuple(sorted(set(layers)))
 
 
@@ -576,8 +590,19 @@ def run_cmd(
 
 
 def main() -> None:
+    from surgery.errors import explain
+
     try:
         app()
     except SurgeryError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: finished work is kept; rerun the same command to resume", highlight=False)
+        raise SystemExit(130) from None
+    except Exception as exc:  # the user's data or environment (disk, names, damaged files); a bug re-raises
+        message = explain(exc)
+        if message is None:
+            raise
+        err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

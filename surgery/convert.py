@@ -17,7 +17,8 @@ from surgery.errors import SurgeryError
 from surgery.fsutil import atomic_write_json, link_tree, sha256_text
 from surgery.manifest import Manifest
 from surgery.memwatch import PeakWatch
-from surgery.packs import ApplyOptions, resolve_pack
+from surgery.outputs import Output, claim
+from surgery.packs import ApplyOptions, check_seq_length, resolve_pack
 
 STATE = "convert.json"
 SOPHGO = ("bm1684x", "bm1688", "cv186ah")
@@ -41,6 +42,7 @@ class ConvertOptions:
     trust_remote_code: bool = False
     jobs: int = 2
     check: str = "sample"  # none | sample | all: graphs checked at every stage (surgery/checks.py)
+    force: bool = False  # replace a bundle surgery wrote for another model
 
 
 @dataclass
@@ -60,12 +62,27 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     pack = resolve_pack(o.pack, config)
     if o.chip not in (*SOPHGO, *AXERA, "mnn"):
         raise SurgeryError(f"unknown chip {o.chip!r}; choose one of {', '.join((*SOPHGO, *AXERA, 'mnn'))}")
+    from surgery.checks import LEVELS
+    from surgery.compile.sophgo import QUANTS
+    from surgery.compile.toolchains import python_of
+
+    if o.quantize not in QUANTS:
+        raise SurgeryError(f"-q {o.quantize!r} is not a quantization; choose one of {', '.join(QUANTS)}")
+    if o.check not in LEVELS:
+        raise SurgeryError(f"--check {o.check!r}: choose one of {', '.join(LEVELS)}")
+    if o.q_group_size <= 0 or o.q_group_size & (o.q_group_size - 1):
+        raise SurgeryError(f"-g {o.q_group_size} must be a power of two (32, 64, 128, ...)")
+    check_seq_length(o.seq_length, config)
+    if o.chip in SOPHGO or o.chip == "mnn":  # before hours of work, not after: a missing compiler is one line
+        python_of("sophgo" if o.chip in SOPHGO else "mnn")
     if o.max_input_length is not None and not 0 < o.max_input_length < o.seq_length:
         raise SurgeryError(f"--max_input_length {o.max_input_length} must be between 1 and seq_length - 1")
     if config.get("auto_map") and not o.trust_remote_code:
         raise SurgeryError(f"{model} ships its own modeling code (auto_map); pass --trust-remote-code if you trust it")
     # a native pack's patched code is transformers' own file rewritten by us: no consent needed for that
     trust = o.trust_remote_code or bool(pack.sources)
+    owned = claim(out, "convert", {"model": model}, o.force)
+    owned.add("stages/", STATE, "report.md", "report.html", "runtime_config.json", "manifest.json")
     stages_dir = out / "stages"
     timings: dict[str, float] = {}
     peaks: dict[str, dict[str, float]] = {}
@@ -146,14 +163,14 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         done[stage.name] = {"key": key, "result": results[stage.name], "seconds": timings[stage.name],
                             "peak_mb": peaks[stage.name]}
         atomic_write_json(state_path, {"options": opts, "stages": done})
-    bundle(out, o, pack.name)
+    bundle(out, o, pack.name, owned)
     from surgery.report import write_report
 
     write_report(out, results, timings, o, peaks)
     return {"out": str(out), "timings": timings, "peak_mb": peaks}
 
 
-def bundle(out: Path, o: ConvertOptions, pack: str) -> None:
+def bundle(out: Path, o: ConvertOptions, pack: str, owned: Output) -> None:
     """Copy what a device runtime needs to the top of `out`, with a runtime config."""
     compiled = out / "stages" / "compile"
     manifest = Manifest.read(compiled)
@@ -163,6 +180,7 @@ def bundle(out: Path, o: ConvertOptions, pack: str) -> None:
         extra.append(manifest.embedding_file["file"])
     if manifest.compiled and manifest.compiled.get("embedding"):
         extra.append(manifest.compiled["embedding"]["file"])
+    owned.add(*files, *extra, *(["axera_build_kit/"] if o.chip in AXERA else []))
     for name in [*files, *extra]:
         shutil.copyfile(compiled / name, out / name)
     if o.chip in AXERA:

@@ -41,7 +41,7 @@ def sha256_text(text: str) -> str:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory and rename, so readers never see half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -57,9 +57,14 @@ def atomic_write_json(path: str | Path, data: object) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def _tag(name: str) -> str:
+    """A short stand-in for `name` in staging names: a 230-character name plus a prefix would pass 255."""
+    return hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 def remove_stale_staging(parent: Path, name: str) -> None:
     """Delete staging directories an interrupted run left beside `name`."""
-    for stale in parent.glob(f"{STAGING_PREFIX}{name}-*"):
+    for stale in parent.glob(f"{STAGING_PREFIX}{_tag(name)}-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -73,7 +78,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     final = final.absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(final.parent, final.name)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}-", dir=final.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_tag(final.name)}-", dir=final.parent))
     _chmod_default(stage, directory=True)
     try:
         yield stage
@@ -82,7 +87,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
         raise
     old = None
     if final.exists() or final.is_symlink():
-        old = final.with_name(f"{STAGING_PREFIX}{final.name}-old")
+        old = final.with_name(f"{STAGING_PREFIX}{_tag(final.name)}-old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(stage, final)
@@ -102,3 +107,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def link_tree(src: Path, dst: Path) -> None:
     """A copy of a directory tree made of hard links where possible (a 7B export is tens of GB)."""
     shutil.copytree(src, dst, copy_function=lambda s, d: link_or_copy(Path(s), Path(d)), dirs_exist_ok=True)
+
+
+def read_text(path: Path) -> str:
+    """A user's text file (config, modeling code) as UTF-8, or one line saying which file is not."""
+    from surgery.errors import SurgeryError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SurgeryError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                           "and rerun") from None

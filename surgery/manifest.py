@@ -98,13 +98,22 @@ class Manifest:
         atomic_write_json(directory / MANIFEST, asdict(self))
 
     @classmethod
-    def read(cls, directory: Path) -> Manifest:
+    def read(cls, directory: Path, check: bool = True) -> Manifest:
+        """The manifest of `directory`. With `check` (always, outside the stage that is writing it) every
+        file it names is checked before anyone opens it (surgery/bundle_check.py): inside the directory,
+        and graphs matching their recorded hashes."""
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise SurgeryError(f"{directory} has no {MANIFEST}; is it the output of `surgery export`?")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
             raw["graphs"] = [GraphSpec.of(g) for g in raw["graphs"]]
-            return cls(**raw)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise SurgeryError(f"{path} is not a valid manifest ({exc}); re-run `surgery export`") from None
+            manifest = cls(**raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SurgeryError(f"{path} is not a valid manifest ({type(exc).__name__}); re-run `surgery export`"
+                               ) from None
+        if check:
+            from surgery.bundle_check import check_files
+
+            check_files(Path(directory), manifest)
+        return manifest

@@ -20,7 +20,8 @@ import torch
 
 from surgery.errors import SurgeryError
 
-EXTERNAL_DATA_ABOVE = 64 << 20  # bytes of weights above which a graph keeps them in <graph>.onnx.data
+EXTERNAL_DATA_ABOVE = 4 << 20  # bytes of weights above which a graph keeps them in <graph>.onnx.data (every
+# block of a real model: later stages then never load, copy or re-serialize them)
 ALIGN = 64  # byte alignment of each tensor in a data file (lets runtimes map tensors in place)
 
 

@@ -11,6 +11,7 @@ records the pipeline and node counts.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from surgery.errors import SurgeryError
 from surgery.fsutil import sha256_file
 from surgery.manifest import GraphSpec, Manifest
 from surgery.onnxio import load_structure, ort_session, save_graph, seal, unseal
+from surgery.outputs import Output, adopt
 from surgery.parity import compare
 from surgery.passes import PASSES, final_norm, run_pass
 from surgery.passes.base import opset_of
@@ -80,7 +82,7 @@ def original_of(path: Path) -> Path:
 
 
 def optimize_graph(path: Path, names: list[str], graph: GraphSpec, vocab: int, check: bool,
-                   keep: bool = True) -> GraphReport:
+                   keep: Output | None = None) -> GraphReport:
     """Optimize the graph at `path` in place (atomically). External weights are never touched."""
     original = load_structure(path)
     model, counts = _passes(onnx.ModelProto.FromString(original.SerializeToString()), names)
@@ -96,7 +98,8 @@ def optimize_graph(path: Path, names: list[str], graph: GraphSpec, vocab: int, c
             cosine = _worst(_outputs(tmp, feeds), want)
             if not cosine >= MIN_COSINE:
                 _blame(original, names, path, tmp, feeds, want, graph.name, cosine)
-        if keep and not original_of(path).exists():
+        if keep is not None and not original_of(path).exists():
+            keep.add(original_of(path).name)
             save_graph(original, original_of(path))
         os.replace(tmp, path)
     finally:
@@ -117,7 +120,7 @@ def _blame(original: onnx.ModelProto, names: list[str], path: Path, tmp: Path, f
                        "prefix of it does; rerun with --no-check to inspect")
 
 
-def move_final_norm(directory: Path, manifest: Manifest, check: bool, keep: bool) -> dict | None:
+def move_final_norm(directory: Path, manifest: Manifest, check: bool, keep: Output | None) -> dict | None:
     """Run the final-norm move (passes/final_norm.py) and check last block -> head end to end."""
     rewritten = final_norm.plan(directory, manifest)
     if rewritten is None:
@@ -143,7 +146,8 @@ def move_final_norm(directory: Path, manifest: Manifest, check: bool, keep: bool
                                        f"{cosine:.6f}); rerun with --no-check to inspect")
         for name in rewritten:
             path = directory / manifest.graph(name).file
-            if keep and not original_of(path).exists():
+            if keep is not None and not original_of(path).exists():
+                keep.add(original_of(path).name)
                 save_graph(load_structure(path), original_of(path))
             os.replace(temps[name], path)
             manifest.graph(name).sha256 = sha256_file(path)
@@ -160,6 +164,7 @@ def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, 
     """`check`: True/"all" checks every changed graph, "sample" the graphs compile/checks.py samples."""
     directory = Path(directory)
     manifest = Manifest.read(directory)
+    owned = adopt(directory, ("export",), "surgery optimize")
     names = pipeline(target, passes, skip)
     level = {True: "all", False: "none"}.get(check, check)
     if level != "none":
@@ -169,12 +174,14 @@ def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, 
     for graph in manifest.graphs:
         progress(graph.name)
         path = directory / graph.file
-        report = optimize_graph(path, names, graph, manifest.vocab_size, graph.name in checked, keep)
+        report = optimize_graph(path, names, graph, manifest.vocab_size, graph.name in checked,
+                                owned if keep else None)
         reports.append(report)
         graph.sha256 = sha256_file(path)
+        gc.collect()  # passes copy graphs several times; give the memory back before the next one
     moved = None
     if TARGETS[target].get("final_norm") == "last_block":
-        moved = move_final_norm(directory, manifest, level != "none", keep)
+        moved = move_final_norm(directory, manifest, level != "none", owned if keep else None)
     manifest.opset = max(opset_of(load_structure(directory / g.file)) for g in manifest.graphs)
     manifest.optimizations.append({
         "target": target, "passes": names, "checked": level,

@@ -83,10 +83,28 @@ def resolve_pack(name: str, config: dict) -> Pack:
     """`auto` picks the pack from the config's model_type; anything else is looked up by name."""
     if name != "auto":
         return get_pack(name)
-    model_type = str(config.get("model_type"))
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise SurgeryError("config.json has no model_type, so `auto` cannot pick a pack; name the pack "
+                           "(see `surgery list`)")
+    model_type = config["model_type"]
     pack = pack_for_model_type(model_type)
     if pack is None:
         like = closest_pack(model_type, config)
         raise SurgeryError(f"no pack handles model_type {model_type!r}; the closest is {like!r}: scaffold one with "
                            f"`surgery port {model_type} --like {like}`")
     return pack
+
+
+MAX_SEQ_LENGTH = 32768  # a static [SEQ, SEQ] prefill mask alone is 4 GB in fp32 at 32768
+
+
+def check_seq_length(seq: int, config: dict) -> None:
+    """A static length this model can use: at least 2, at most its trained positions and MAX_SEQ_LENGTH."""
+    limit = MAX_SEQ_LENGTH
+    trained = [v for k in ("max_position_embeddings", "seq_length", "n_positions")
+               if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0]
+    if trained:
+        limit = min(limit, max(trained))
+    if not 2 <= seq <= limit:
+        why = "the positions its config.json allows" if limit < MAX_SEQ_LENGTH else "static graphs"
+        raise SurgeryError(f"--seq-length {seq} is out of range for this model: use 2 to {limit} ({why})")

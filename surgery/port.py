@@ -9,8 +9,10 @@ import libcst as cst
 
 from surgery.apply import transformers_dir
 from surgery.errors import SurgeryError
+from surgery.fsutil import atomic_write_text
 from surgery.packs import get_pack
 
+SCAFFOLD_MARK = "Scaffolded by `surgery port"
 NATIVE_PACK = '''"""{title} (`model_type: {name}`): transformers' own modeling code.
 
 Scaffolded by `surgery port {name} --like {like}`; see docs/porting.md for what to check next.
@@ -44,7 +46,7 @@ PACK = Pack(
 )
 '''
 
-TEST = '''"""Conformance of the `{name}` pack on a tiny config-built fixture (scaffolded by `surgery port`)."""
+TEST = '''"""Conformance of the `{name}` pack on a tiny config-built fixture (Scaffolded by `surgery port`)."""
 
 from pathlib import Path
 
@@ -90,10 +92,13 @@ def scaffold(name: str, like: str, dest: Path, force: bool = False) -> list[Path
             name=name, like=like, title=title, architecture=architecture or f"{title.replace(' ', '')}ForCausalLM"),
         dest / "tests" / f"test_pack_{name}.py": TEST.format(name=name, ident=name),
     }
-    existing = [p for p in files if p.exists()]
+    existing = [p for p in files if p.exists() or p.is_symlink()]
     if existing and not force:
         raise SurgeryError(f"{existing[0]} exists; pass --force to overwrite it")
+    for path in existing:  # --force replaces a scaffold surgery wrote, never a file someone else wrote
+        if path.is_symlink() or not path.is_file() or SCAFFOLD_MARK not in path.read_text(errors="replace")[:600]:
+            raise SurgeryError(f"{path} was not written by `surgery port`; move it or port under another name")
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)
     return list(files)

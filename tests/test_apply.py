@@ -154,15 +154,23 @@ def test_bad_input_is_one_clear_line(qwen_src: Path, tmp_path: Path, case: str):
     assert expect in str(err.value) and "\n" not in str(err.value)
 
 
-def test_refuses_foreign_output_dir_unless_forced(qwen_src: Path, tmp_path: Path):
+def test_never_replaces_what_surgery_did_not_write(qwen_src: Path, tmp_path: Path):
     plan = plan_apply(QWEN, qwen_src, ApplyOptions())
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(SurgeryError, match="was not written by surgery; pass --force"):
-        write_plan(plan, foreign)
+    for force in (False, True):
+        with pytest.raises(SurgeryError, match="was not written by surgery"):
+            write_plan(plan, foreign, force=force)
     assert (foreign / "notes.txt").read_text() == "keep me"
-    write_plan(plan, foreign, force=True)
-    assert (foreign / "surgery.json").is_file() and not (foreign / "notes.txt").exists()
-    with pytest.raises(SurgeryError, match="--out must differ from --model"):
+    with pytest.raises(SurgeryError, match="is the model"):
         write_plan(plan, qwen_src, force=True)
+    with pytest.raises(SurgeryError, match="contains the model"):
+        write_plan(plan, qwen_src.parent, force=True)
+    ours = tmp_path / "ours"
+    write_plan(plan, ours)
+    write_plan(plan, ours)  # a rerun replaces our own output
+    (ours / "notes.txt").write_text("a user's file in our output")
+    with pytest.raises(SurgeryError, match=r"holds files surgery did not write \(notes.txt\)"):
+        write_plan(plan, ours, force=True)
+    assert (ours / "notes.txt").is_file() and (ours / "surgery.json").is_file()
