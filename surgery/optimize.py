@@ -12,7 +12,6 @@ records the pipeline and node counts.
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from surgery import journal
 from surgery.checks import sampled
 from surgery.contract import random_inputs
 from surgery.errors import SurgeryError
-from surgery.fsutil import sha256_file
 from surgery.manifest import GraphSpec, Manifest
 from surgery.onnxio import load_structure, ort_session, save_graph, seal, unseal
 from surgery.outputs import Output, adopt
@@ -82,12 +81,13 @@ def original_of(path: Path) -> Path:
 
 
 def optimize_graph(path: Path, names: list[str], graph: GraphSpec, vocab: int, check: bool,
-                   keep: Output | None = None) -> GraphReport:
-    """Optimize the graph at `path` in place (atomically). External weights are never touched."""
+                   keep: Output | None = None) -> tuple[GraphReport, Path | None]:
+    """The optimized graph written beside `path` (returned, for journal.commit), or None when no pass
+    changed it. External weights are never touched."""
     original = load_structure(path)
     model, counts = _passes(onnx.ModelProto.FromString(original.SerializeToString()), names)
     if not any(sites for _, sites, _ in counts):
-        return GraphReport(graph.name, counts, None)
+        return GraphReport(graph.name, counts, None), None
     tmp = path.with_name(f".{path.name}.opt.tmp")
     try:
         save_graph(model, tmp)
@@ -101,10 +101,10 @@ def optimize_graph(path: Path, names: list[str], graph: GraphSpec, vocab: int, c
         if keep is not None and not original_of(path).exists():
             keep.add(original_of(path).name)
             save_graph(original, original_of(path))
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-    return GraphReport(graph.name, counts, cosine)
+        raise
+    return GraphReport(graph.name, counts, cosine), tmp
 
 
 def _blame(original: onnx.ModelProto, names: list[str], path: Path, tmp: Path, feeds: dict, want: list,
@@ -149,12 +149,10 @@ def move_final_norm(directory: Path, manifest: Manifest, check: bool, keep: Outp
             if keep is not None and not original_of(path).exists():
                 keep.add(original_of(path).name)
                 save_graph(load_structure(path), original_of(path))
-            os.replace(temps[name], path)
-            manifest.graph(name).sha256 = sha256_file(path)
+        journal.commit(directory, manifest, temps, {"final_norm": "last_block"})
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-    manifest.conventions["final_norm"] = "last_block"
     return {"into": sorted(n for n in rewritten if n != "lm_head"), "cosine": worst}
 
 
@@ -163,8 +161,9 @@ def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, 
                  progress: Callable[[str], None] = lambda name: None) -> list[GraphReport]:
     """`check`: True/"all" checks every changed graph, "sample" the graphs compile/checks.py samples."""
     directory = Path(directory)
-    manifest = Manifest.read(directory)
     owned = adopt(directory, ("export",), "surgery optimize")
+    journal.recover(directory)  # a run killed mid-commit is finished first
+    manifest = Manifest.read(directory)
     names = pipeline(target, passes, skip)
     level = {True: "all", False: "none"}.get(check, check)
     if level != "none":
@@ -174,10 +173,11 @@ def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, 
     for graph in manifest.graphs:
         progress(graph.name)
         path = directory / graph.file
-        report = optimize_graph(path, names, graph, manifest.vocab_size, graph.name in checked,
-                                owned if keep else None)
+        report, new = optimize_graph(path, names, graph, manifest.vocab_size, graph.name in checked,
+                                     owned if keep else None)
         reports.append(report)
-        graph.sha256 = sha256_file(path)
+        if new is not None:
+            journal.commit(directory, manifest, {graph.name: new})
         gc.collect()  # passes copy graphs several times; give the memory back before the next one
     moved = None
     if TARGETS[target].get("final_norm") == "last_block":

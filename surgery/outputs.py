@@ -22,7 +22,8 @@ OWNED = ".surgery.json"
 
 def _is_scratch(name: str) -> bool:
     """Our own staging and temp names, which a killed run may leave behind."""
-    return name == OWNED or name.startswith(STAGING_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+    return name == OWNED or name.startswith((STAGING_PREFIX, ".surgery-")) or (
+        name.startswith(".") and name.endswith(".tmp"))
 
 
 def _related(out: Path, source: Path) -> str | None:

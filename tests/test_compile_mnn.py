@@ -16,6 +16,8 @@ from surgery.checks import DELTA
 from surgery.compile.mnn import compile_mnn
 from surgery.compile.toolchains import installed
 from surgery.errors import SurgeryError
+from surgery.fsutil import sha256_file
+from surgery.manifest import Manifest
 from surgery.runtime import OnnxModel, open_runtime
 
 pytestmark = pytest.mark.skipif(installed("mnn") is None,
@@ -71,6 +73,9 @@ def test_converter_failure_names_graph_command_and_log(onnx_dir: Path, tmp_path:
     broken = tmp_path / "broken"
     shutil.copytree(onnx_dir, broken)
     (broken / "lm_head.onnx").write_bytes(b"not a model")
+    manifest = Manifest.read(broken, check=False)  # the manifest vouches for it: the converter must fail
+    manifest.graph("lm_head").sha256 = sha256_file(broken / "lm_head.onnx")
+    manifest.write(broken)
     with pytest.raises(SurgeryError) as err:
         compile_mnn(broken, tmp_path / "out", jobs=1)
     message = str(err.value)

@@ -297,14 +297,21 @@ def test_the_cli_stops_gracefully_on_a_signal(tok_dir, sig):
         line = proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+) ", line)
         assert match, line + proc.stderr.read()
-        conn = http.client.HTTPConnection("127.0.0.1", int(match[1]), timeout=10)
-        conn.request("GET", "/eos_id")
-        assert conn.getresponse().read()  # an idle keep-alive connection stays open across the signal
+        port = int(match[1])
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        idle.request("GET", "/eos_id")
+        assert idle.getresponse().read()  # an idle keep-alive connection stays open across the signal
+        busy = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        busy.request("POST", "/encode", body=json.dumps({"text": "the quick brown fox " * 20_000, "chat": False}))
+        time.sleep(0.1)  # the long text is being tokenized on the worker thread
         proc.send_signal(sig)
         start = time.monotonic()
+        response = busy.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["token_ids"]) > 20_000  # answered
         assert proc.wait(10) == 0 and time.monotonic() - start < 5
         assert proc.stdout.read().strip() == "stopped"
-        conn.close()
+        idle.close()
+        busy.close()
     finally:
         proc.kill()
         proc.wait()
