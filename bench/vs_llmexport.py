@@ -1,7 +1,10 @@
-"""`surgery convert -c mnn` versus MNN's own `llmexport` on the same tiny Qwen2, side by side in one run:
-wall time, peak RSS, output size, and whether each generates transformers' greedy tokens.
+"""`surgery convert -c mnn` versus MNN's own `llmexport`, side by side in one run, on the same checkpoint
+(Qwen2-0.5B's shape with 4 layers by default: vocabulary 151936, hidden 896, tied embeddings) and the same
+weight bits: wall time, peak RSS of each process tree, output size, and (tiny shape only, where tokens are
+meaningful) whether each generates transformers' greedy tokens.
 
-    .venv/bin/python bench/vs_llmexport.py [--bits 8] [--tokens 16]
+    .venv/bin/python bench/vs_llmexport.py                          # qwen2-0_5b shape, 4 layers, 4-bit block 64
+    .venv/bin/python bench/vs_llmexport.py --shape tiny --bits 8 --block 32
 Needs `surgery toolchain install mnn`; creates build/bench-llmexport/env (torch 2.13.0 + llmexport) once.
 """
 
@@ -9,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
+from treerss import measure
 
 from surgery.fixtures.native import build_native
-from surgery.runtime import open_runtime
+from surgery.fixtures.shapes import build_shaped
 
 SURGERY = str(Path(sys.executable).with_name("surgery"))
-ENV = Path("build/bench-llmexport/env")
-MEASURE = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
-           "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-           "print(json.dumps({'rc': r.returncode, 'seconds': time.perf_counter() - t, "
-           "'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'tail': r.stderr[-2000:]}))")
-# greedy through MNN's LLM runtime: forward() returns the next-token logits and keeps the KV cache
 GREEDY = """
 import json, sys
 import numpy as np
@@ -42,62 +40,85 @@ print(json.dumps(out))
 """
 
 
-def measured(args: list[str]) -> dict:
-    """Run `args` in a fresh process; its wall time and the peak RSS of the largest process it ran."""
-    result = json.loads(subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True,
-                                       check=True).stdout)
-    if result["rc"]:
-        raise SystemExit(f"{args[0]} failed:\n{result['tail']}")
-    return result
-
-
 def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def build_model(root: Path, shape: str, layers: int) -> Path:
+    path = root / f"model-{shape}-l{layers}"
+    if (path / "config.json").is_file():
+        return path
+    if shape == "tiny":
+        return build_native("qwen2", path, num_hidden_layers=layers)
+    return build_shaped(shape, path, layers=layers, sharded=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, default=8, choices=[4, 8])
+    parser.add_argument("--shape", default="qwen2-0_5b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--work", type=Path, default=Path("build/bench-llmexport"))
     args = parser.parse_args()
-    if not (ENV / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(ENV)], check=True)
-        subprocess.run([str(ENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "llmexport"], check=True)
-    site = next((ENV / "lib").glob("python*/site-packages"))
-    prompt = [5, 17, 42, 7, 99, 3]
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model = build_native("qwen2", root / "qwen2")
+    root = args.work.absolute()
+    env = root / "env"
+    if not (env / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        subprocess.run([str(env / "bin" / "pip"), "install", "-q", "torch==2.13.0", "llmexport"], check=True)
+    site = next((env / "lib").glob("python*/site-packages"))
+    model = build_model(root, args.shape, args.layers)
+    rows = {}
+    for check in ("none", "sample"):
+        out = root / f"surgery-{check}"
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"running surgery convert --check {check} ...", flush=True)
+        m = measure([SURGERY, "convert", "auto", "-m", str(model), "-s", str(args.seq_length), "-q",
+                     f"w{args.bits}bf16", "-g", str(args.block), "-c", "mnn", "-o", str(out), "--check", check,
+                     "--json"], log=root / f"surgery-{check}.log")
+        if m.returncode:
+            raise SystemExit(f"surgery convert failed; see {root / f'surgery-{check}.log'}")
+        rows[f"surgery (check {check})"] = (m, size(out) - size(out / "stages"), out)
+    theirs = root / "llmexport"
+    shutil.rmtree(theirs, ignore_errors=True)
+    print("running llmexport ...", flush=True)
+    m = measure(["env", f"PYTHONPATH={site / 'llmexport'}", str(env / "bin" / "python"), "-m", "llmexport", "--path",
+                 str(model), "--export", "mnn", "--quant_bit", str(args.bits), "--quant_block", str(args.block),
+                 "--dst_path", str(theirs)], log=root / "llmexport.log", env={**os.environ})
+    if m.returncode:
+        raise SystemExit(f"llmexport failed; see {root / 'llmexport.log'}")
+    rows["llmexport"] = (m, size(theirs), theirs)
+    print(f"\n{args.shape} x {args.layers} layers, {args.bits}-bit weights block {args.block}, seq "
+          f"{args.seq_length}; measured side by side on this machine\n")
+    print(f"{'':<24}{'wall s':>9}{'peak tree MB':>14}{'output bytes':>16}")
+    for label, (m, nbytes, _) in rows.items():
+        print(f"{label:<24}{m.seconds:>9.1f}{m.peak_tree_mb:>14,.0f}{nbytes:>16,}")
+    base = rows["llmexport"]
+    print("\nratios to llmexport (goal: wall <= 1.0x with checks off, <= 2.0x with default checks; RSS and size "
+          "<= 1.0x)")
+    for label in [k for k in rows if k != "llmexport"]:
+        m, nbytes, _ = rows[label]
+        print(f"  {label:<22} wall {m.seconds / base[0].seconds:.2f}x  tree RSS "
+              f"{m.peak_tree_mb / base[0].peak_tree_mb:.2f}x  size {nbytes / base[1]:.2f}x")
+    if args.shape == "tiny":
+        import torch
         from transformers import AutoModelForCausalLM
 
+        from surgery.runtime import open_runtime
+
+        prompt = [5, 17, 42, 7, 99, 3]
         reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).generate(
             torch.tensor([prompt]), max_new_tokens=args.tokens, do_sample=False)[0, len(prompt):].tolist()
-        ours = measured([SURGERY, "convert", "qwen2", "-m", str(model), "-s", "64", "-q", f"w{args.bits}bf16",
-                         "-g", "32", "-c", "mnn", "-o", str(root / "ours")])
-        ours_size = size(root / "ours") - size(root / "ours" / "stages")
-        ours_tokens = open_runtime(root / "ours").generate(prompt, args.tokens).tokens
-        theirs = measured(["env", f"PYTHONPATH={site / 'llmexport'}", str(ENV / "bin" / "python"), "-m", "llmexport",
-                           "--path", str(model), "--export", "mnn", "--quant_bit", str(args.bits), "--quant_block",
-                           "32", "--dst_path", str(root / "theirs")])
-        theirs_size = size(root / "theirs")
-        theirs_tokens = json.loads(subprocess.run(
-            [str(ENV / "bin" / "python"), "-c", GREEDY, str(root / "theirs" / "config.json"), json.dumps(prompt),
-             str(args.tokens)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-
-    def agree(tokens: list[int]) -> str:
-        same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), len(reference))
-        return "all" if same == len(reference) else f"first {same}"
-
-    print(f"tiny Qwen2 (init 0.2, GQA, tied), {args.bits}-bit weights block 32, {args.tokens} greedy tokens\n")
-    print(f"{'':<18}{'wall s':>8}{'peak RSS MB':>13}{'bytes':>12}  tokens equal to transformers generate()")
-    print(f"{'surgery convert':<18}{ours['seconds']:>8.1f}{ours['peak_mb']:>13.0f}{ours_size:>12,}  "
-          f"{agree(ours_tokens)}")
-    print(f"{'llmexport':<18}{theirs['seconds']:>8.1f}{theirs['peak_mb']:>13.0f}{theirs_size:>12,}  "
-          f"{agree(theirs_tokens)}")
-    print(f"\nratios surgery/llmexport: wall {ours['seconds'] / theirs['seconds']:.2f}x, "
-          f"peak RSS {ours['peak_mb'] / theirs['peak_mb']:.2f}x, size {ours_size / theirs_size:.2f}x")
-    print("surgery's time includes checking every graph against onnxruntime on MNN and the report; llmexport's "
-          "MNN runtime computes in low precision (its default config).")
+        ours = open_runtime(rows["surgery (check sample)"][2]).generate(prompt, args.tokens).tokens
+        mnn_python = Path.home() / ".cache/surgery/toolchains/mnn/bin/python"
+        theirs_tokens = json.loads(subprocess.run([str(mnn_python), "-c", GREEDY, str(theirs / "config.json"),
+                                                   json.dumps(prompt), str(args.tokens)], capture_output=True,
+                                                  text=True, check=True).stdout.strip().splitlines()[-1])
+        for label, tokens in (("surgery", ours), ("llmexport", theirs_tokens)):
+            same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), len(reference))
+            print(f"  {label}: greedy tokens equal to transformers' for the first {same} of {len(reference)}")
 
 
 if __name__ == "__main__":

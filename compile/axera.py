@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from surgery.compile.commands import run_logged
-from surgery.errors import SurgeryError
+from surgery.compile.base import Adapter, CompileOptions, prepare
+from surgery.compile.logged import run_logged
 from surgery.fsutil import atomic_write_json, atomic_write_text
-from surgery.manifest import GraphSpec, Manifest
+from surgery.manifest import Compiled, GraphSpec, Manifest
 from surgery.onnxio import (
     data_file,
     load_structure,
@@ -35,7 +35,7 @@ from surgery.onnxio import (
     unseal,
     write_bf16_rows,
 )
-from surgery.outputs import claim
+from surgery.outputs import Output
 from surgery.runtime import OnnxModel
 
 CHIPS = {"ax650": ("AX650", "NPU3"), "ax630c": ("AX620E", "NPU2")}
@@ -161,17 +161,23 @@ def build_config(name: str, graph: GraphSpec, options: AxeraOptions, calib: dict
     }
 
 
-def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
-    onnx_dir, out = Path(onnx_dir).absolute(), Path(out).absolute()
-    if options.chip not in CHIPS:
-        raise SurgeryError(f"unknown Axera chip {options.chip!r}; choose one of {', '.join(CHIPS)}")
-    manifest = Manifest.read(onnx_dir)
-    if manifest.opset > 17 or manifest.backend != "onnxruntime":
-        raise SurgeryError(f"{onnx_dir} has opset {manifest.opset} graphs; run `surgery optimize {onnx_dir} "
-                           f"--target ax650` first")
-    owned = claim(out, "compile", {"export": onnx_dir})
-    owned.add("onnx/", "calib/", "configs/", "build/", "build.sh", "manifest.json",
-              f"{manifest.model_type}.embed_tokens.bf16.bin", *manifest.tokenizer_files)
+class AxeraAdapter(Adapter):
+    name = "axera"
+    chips = tuple(CHIPS)
+    summary = "Axera AX650 / AX630C through Pulsar2: a build kit (Pulsar2 runs in Axera's Docker image)"
+    backend = "axmodel"
+    loaded_by = "AXERA-TECH/ax-llm on the board, after build.sh ran `pulsar2 build` in Axera's container"
+
+    def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor: object = None,
+                calibration: AxeraOptions | None = None) -> Manifest:
+        self.local_only(executor, self.name)
+        onnx_dir, out, manifest, owned = prepare(self, onnx_dir, out, options)
+        return build_kit(onnx_dir, out, manifest, owned, calibration or AxeraOptions(chip=options.chip))
+
+
+def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, options: AxeraOptions) -> Manifest:
+    owned.add("onnx/", "calib/", "configs/", "build/", "logs/", "build.sh",
+              f"{manifest.model_type}.embed_tokens.bf16.bin")
     for sub in ("onnx", "calib", "configs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     seen = capture(onnx_dir, options)
@@ -212,15 +218,20 @@ def compile_axera(onnx_dir: Path, out: Path, options: AxeraOptions) -> Manifest:
     for file in manifest.tokenizer_files:
         shutil.copyfile(onnx_dir / file, out / file)
     kit = replace(manifest, backend="axmodel")
-    kit.compiled = {"chip": options.chip, "target_hardware": CHIPS[options.chip][0], "npu_mode": CHIPS[options.chip][1],
-                    "graphs": graphs, "embedding": {"file": embedding.name, "dtype": "bfloat16",
-                                                    "rounding": "nearest-even",
-                                                    "shape": [manifest.vocab_size, manifest.hidden_size]},
-                    "io": {"blocks": BLOCK_IO, "post": POST_IO}, "build_script": "build.sh", "built": False}
+    kit.compiled = Compiled(
+        adapter="axera", chip=options.chip, options=vars(options), toolchain={}, check="none",
+        files=["build.sh", "onnx/", "configs/", "calib/", embedding.name],
+        details={"target_hardware": CHIPS[options.chip][0], "npu_mode": CHIPS[options.chip][1], "graphs": graphs,
+                 "embedding": {"file": embedding.name, "dtype": "bfloat16", "rounding": "nearest-even",
+                               "shape": [manifest.vocab_size, manifest.hidden_size]},
+                 "io": {"blocks": BLOCK_IO, "post": POST_IO}, "build_script": "build.sh", "built": False})
     if shutil.which("pulsar2"):
         for command, graph in zip(commands, graphs, strict=True):
             run_logged(command, out / "logs" / f"{graph['name']}.log", f"pulsar2 build of graph {graph['graph']}",
                        cwd=out, expect=out / f"build/{graph['name']}/{graph['name']}.axmodel")
-        kit.compiled["built"] = True
+        kit.compiled.details["built"] = True
     kit.write(out)
     return kit
+
+
+ADAPTER = AxeraAdapter()

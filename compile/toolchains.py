@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surgery.compile.logged import run_logged
 from surgery.errors import SurgeryError
 from surgery.fsutil import atomic_write_json
 
@@ -117,14 +118,7 @@ def install(name: str, log: Callable[[str], None] = lambda line: None) -> dict:
 
     def step(args: list[str], what: str) -> None:
         log(what)
-        with open(logfile, "a") as fh:
-            fh.write(f"$ {' '.join(args)}\n")
-            fh.flush()
-            done = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT)
-        if done.returncode:
-            tail = logfile.read_text().splitlines()[-30:]
-            raise SurgeryError(f"installing {name} failed at `{' '.join(args)}`; last lines: {' | '.join(tail[-3:])} "
-                               f"(full log: {logfile})")
+        run_logged([str(a) for a in args], logfile, f"installing {name} ({what})")
 
     step([python, "-m", "venv", str(target)], f"creating a Python {chain.python} environment")
     pip = [str(target / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]

@@ -107,6 +107,8 @@ def lean_load_onnx_model(self, onnx_file, input_shapes, output_names, static_sha
             self.model_simplify()
     else:
         self.model_simplify(input_shapes)
+        if not self.do_onnx_sim:  # model_simplify assigns the shapes only after onnxsim, which we skip
+            self.input_shape_assign(input_shapes)
     self.input_shapes = self.get_input_shapes(self.model)
     self.input_types = self.get_input_types(self.model)
     self.output_types = self.get_output_types(self.model)
@@ -153,7 +155,8 @@ def job(tools, workdir, log):
 def op_transform(tools, r):
     shapes = json.dumps(r["shapes"]).replace(" ", "")
     args, unknown = tools.transform_parser.parse_known_args(
-        ["--model_name", r["name"], "--model_def", r["onnx"], "--input_shapes", shapes, "--mlir", f"{r['name']}.mlir"])
+        ["--model_name", r["name"], "--model_def", r["onnx"], "--input_shapes", shapes, "--mlir", f"{r['name']}.mlir",
+         *r.get("extra", [])])
     args.do_onnx_sim = False
     tool = tools.transform_mod.get_model_transform(args)
     tool.model_transform(args.mlir, args.add_postprocess, args.patterns_count, args.pruning, args.log_level)
@@ -230,7 +233,8 @@ def op_simulate(tools, r):
     import pyruntime_bm
     from tpu_mlir.python.utils.lowering import bf16_to_fp32, lowering
 
-    if r["bmodel"] not in tools.models:
+    if r["bmodel"] not in tools.models or not isinstance(tools.models[r["bmodel"]][1], dict) \
+            or hasattr(tools.models[r["bmodel"]][0], "generate"):
         # a Model freed after another was loaded corrupts the new one's results: drop it first
         tools.models.clear()
         gc.collect()
@@ -252,11 +256,28 @@ def op_simulate(tools, r):
     np.savez(r["outputs"], **outs)
 
 
-OPS = {"transform": op_transform, "table": op_table, "deploy": op_deploy, "simulate": op_simulate}
+def op_generate(tools, r):
+    """Generation through a whole combined bmodel, as LLM-TPU's runtime drives it (bmodel_driver.py)."""
+    from bmodel_driver import Driver
+
+    if r["bmodel"] not in tools.models:
+        tools.models.clear()  # one loaded bmodel at a time (see op_simulate)
+        gc.collect()
+        tools.models[r["bmodel"]] = (Driver(r["bmodel"]), {})
+    driver = tools.models[r["bmodel"]][0]
+    result = driver.generate(r["prompt"], r["max_new_tokens"], set(r.get("eos", [])), r.get("sampling"),
+                             r.get("seed", 0))
+    with open(r["result"], "w") as fh:
+        json.dump(result, fh)
+
+
+OPS = {"transform": op_transform, "table": op_table, "deploy": op_deploy, "simulate": op_simulate,
+       "generate": op_generate}
 
 
 def main():
     global CHANNEL
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bmodel_driver.py beside this file
     CHANNEL = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints go to stderr, never into our answers
     tools = Tools()

@@ -1,6 +1,10 @@
-"""Per-architecture export specs: where the pieces live and how one block is called.
+"""The export spec type: where an architecture's pieces live and how one block is called, plus the block
+call functions the built-in packs use.
 
-A spec is data plus one small call function; the wrappers in `blocks.py` are shared by every family.
+A spec is data plus small call functions; the wrappers in `blocks.py` are shared by every family. Specs
+are declared on the pack (`Pack.export_spec`), next to the patches that make the block contract hold,
+so this module keeps no registry. It imports torch only inside the functions: packs import it, and
+`surgery list` / `apply` must not pay for torch.
 """
 
 from __future__ import annotations
@@ -9,17 +13,18 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # call_block(block, hidden, cos, sin, mask, past) -> (hidden, k, v); cos/sin are [1, S, D] for the
 # tokens being processed, past is (history_k, history_v) or None, k/v are this step's only.
-BlockCall = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+BlockCall = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    model_types: tuple[str, ...]
     embedding: str
     layers: str
     final_norm: str
@@ -33,33 +38,26 @@ class ArchSpec:
         return attrgetter(path)(model)
 
 
-def _qwen_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = model.transformer.rotary_emb(seq)  # [1, seq, 1, D]
+def qwen_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-v1 remote code: the model's own rotary module, [1, seq, 1, D] -> [seq, D]."""
+    cos, sin = model.transformer.rotary_emb(seq)
     return cos[0, :, 0].detach().clone(), sin[0, :, 0].detach().clone()
 
 
-def _qwen_block(block, hidden, cos, sin, mask, past):
+def qwen_block(block, hidden, cos, sin, mask, past):
+    """Qwen-v1 remote code: a `QWenBlock` patched by the qwen pack (returns this step's K/V as present)."""
     out = block(hidden, rotary_pos_emb_list=[[cos.unsqueeze(2), sin.unsqueeze(2)]], layer_past=past,
                 attention_mask=mask, use_cache=True)
     return out[0], out[1][0], out[1][1]
 
 
-QWEN_V1 = ArchSpec(
-    model_types=("qwen",),
-    embedding="transformer.wte",
-    layers="transformer.h",
-    final_norm="transformer.ln_f",
-    lm_head="lm_head",
-    rope_tables=_qwen_rope,
-    call_block=_qwen_block,
-    num_kv_heads=lambda c: c.num_attention_heads,
-    head_dim=lambda c: c.kv_channels,
-)
+def native_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own decoders: `model.rotary_emb` with attention scaling applied, [seq, D]."""
+    import torch
 
-def _native_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(seq)[None]
     probe = torch.zeros(1, dtype=torch.float32)
-    cos, sin = model.model.rotary_emb(probe, positions)  # [1, seq, D], attention scaling applied
+    cos, sin = model.model.rotary_emb(probe, positions)  # [1, seq, D]
     return cos[0].detach().clone(), sin[0].detach().clone()
 
 
@@ -69,33 +67,8 @@ def _cache_keyword(block: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _native_block(block, hidden, cos, sin, mask, past):
+def native_block(block, hidden, cos, sin, mask, past):
+    """transformers' own decoders: a layer patched by a native pack (returns (hidden, (k, v)))."""
     hidden, (k, v) = block(hidden, attention_mask=mask, position_embeddings=(cos, sin),
                            **{_cache_keyword(block): past})
     return hidden, k, v
-
-
-NATIVE = ArchSpec(
-    model_types=(),  # every pack built with patches.native.native_pack (see spec_for)
-    embedding="model.embed_tokens",
-    layers="model.layers",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    rope_tables=_native_rope,
-    call_block=_native_block,
-    num_kv_heads=lambda c: c.num_key_value_heads,
-    head_dim=lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-)
-
-SPECS = {t: spec for spec in (QWEN_V1,) for t in spec.model_types}
-
-
-def spec_for(model_type: str) -> ArchSpec | None:
-    """The export spec for a model type: a declared one, else NATIVE for families whose pack takes its
-    modeling file from transformers (so a pack scaffolded with `surgery port --like llama` exports too)."""
-    if model_type in SPECS:
-        return SPECS[model_type]
-    from surgery.packs import pack_for_model_type
-
-    pack = pack_for_model_type(model_type)
-    return NATIVE if pack is not None and pack.sources else None

@@ -61,33 +61,41 @@ class LmHead(torch.nn.Module):
 
 
 class GreedyHead(torch.nn.Module):
-    """logits [1, vocab] -> token int64 [1, 1] (top-1)."""
+    """logits [1, vocab] -> token int64 [1, 1] (the first of the largest). ArgMax rather than TopK(1): TPU-MLIR
+    compiles TopK into a dynamic net whose bytes depend on the compiler process's history (not reproducible),
+    ArgMax into a static one."""
 
     def forward(self, m_logits: torch.Tensor) -> torch.Tensor:
-        return torch.topk(m_logits.float(), 1).indices
+        return torch.argmax(m_logits.float(), dim=-1, keepdim=True)
 
 
-class PenaltySampleHead(torch.nn.Module):
-    """m_logits [1,V], input_ids int32 [1,SEQ], top_p, temperature, penalty [1] -> probs, tokens [1, top_k].
+class SampleHead(torch.nn.Module):
+    """The sampling net LLM-TPU's runtime looks up by the name `sample_head`, with its input order:
+    m_logits [1,V], input_ids int32 [1,N] (the ids seen so far; the runtime may pass fewer than SEQ, so the
+    compiler builds it dynamic), penalty, temperature [1], top_k int32 [1], top_p [1]
+    -> probs [1, CANDIDATES], tokens [1, CANDIDATES].
 
-    Repetition penalty on the ids seen so far, then top-k, temperature and top-p (keeping at least
-    `min_keep` candidates); the device runtime draws from `probs` over `tokens`. The min-keep rule is a
-    float multiplier on the cumulative probability, not a boolean Or: TPU-MLIR 1.30.2's model_transform
-    fails on an Or with a constant operand ("operand ... not found").
+    Repetition penalty on the ids seen, the CANDIDATES most likely tokens, those past `top_k` dropped,
+    temperature, then top-p keeping at least `min_keep`; the runtime draws one of the first top_k tokens with
+    the probabilities. The min-keep rule is a float multiplier on the cumulative probability, not a boolean
+    Or: TPU-MLIR 1.30.2's model_transform fails on an Or with a constant operand ("operand ... not found").
     """
 
-    def __init__(self, top_k: int = 50, min_keep: int = 5) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.register_buffer("after_min_keep", (torch.arange(top_k)[None] >= min_keep).float(), persistent=False)
+    CANDIDATES = 50
 
-    def forward(self, m_logits, input_ids, top_p, temperature, penalty):
+    def __init__(self, min_keep: int = 5) -> None:
+        super().__init__()
+        self.register_buffer("after_min_keep", (torch.arange(self.CANDIDATES)[None] >= min_keep).float(),
+                             persistent=False)
+        self.register_buffer("rank", torch.arange(self.CANDIDATES)[None], persistent=False)
+
+    def forward(self, m_logits, input_ids, penalty, temperature, top_k, top_p):
         logits = m_logits.float()
         ids = input_ids.long()
         seen = torch.gather(logits, 1, ids)
         logits = logits.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
-        top, tokens = torch.topk(logits, self.top_k)
-        top = top / temperature
+        top, tokens = torch.topk(logits, self.CANDIDATES)
+        top = torch.where(self.rank < top_k, top / temperature, torch.full_like(top, -1000.0))
         keep = top.softmax(dim=1).cumsum(dim=1) * self.after_min_keep < top_p
         probs = torch.where(keep, top, torch.full_like(top, -1000.0)).softmax(dim=1)
-        return probs, tokens
+        return probs, tokens.int()

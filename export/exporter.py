@@ -18,9 +18,8 @@ import onnx
 
 from surgery.apply import RECORD, tool_versions
 from surgery.errors import SurgeryError
-from surgery.export.arch import spec_for
 from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
-from surgery.export.source import load_streaming
+from surgery.export.source import export_spec_for, load_streaming
 from surgery.export.tables import Table, write_table
 from surgery.export.trace import export_job
 from surgery.export.weights import Resident
@@ -60,7 +59,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     resident, config = load_streaming(model_dir, options)
     check_seq_length(options.seq_length, config)
     model = resident.model
-    spec = spec_for(config["model_type"])
+    spec = export_spec_for(config["model_type"])
     n_layers = len(spec.part(model, spec.layers))
     if options.blocks is not None and any(not 0 <= b < n_layers for b in options.blocks):
         raise SurgeryError(f"--blocks {','.join(map(str, options.blocks))} is out of range: the model has "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from surgery.export.arch import ArchSpec
-from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, PenaltySampleHead, Prefill
+from surgery.export.blocks import Decode, Embedding, GreedyHead, LmHead, Prefill, SampleHead
 from surgery.manifest import MASK_VALUE
 from surgery.onnxio import EXTERNAL_DATA_ABOVE
 
@@ -77,8 +77,9 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
                     needs=(spec.final_norm, spec.lm_head), tables={"head.weight": f"{spec.lm_head}.weight"}))
     jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
                     {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype)}, ["token"]))
-    jobs.append(Job("penalty_sample_head", "penalty_sample_head", PenaltySampleHead(),
+    jobs.append(Job("sample_head", "sample_head", SampleHead(),
                     {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype), "input_ids": ids,
-                     "top_p": torch.tensor([0.8]), "temperature": torch.tensor([0.7]),
-                     "penalty": torch.tensor([1.1])}, ["probs", "tokens"]))
+                     "penalty": torch.tensor([1.1]), "temperature": torch.tensor([0.7]),
+                     "top_k": torch.tensor([50], dtype=torch.int32), "top_p": torch.tensor([0.8])},
+                    ["probs", "tokens"]))
     return jobs

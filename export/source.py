@@ -14,9 +14,24 @@ import torch
 
 from surgery.apply import RECORD
 from surgery.errors import SurgeryError
-from surgery.export.arch import spec_for
+from surgery.export.arch import ArchSpec
 from surgery.export.jobs import DTYPES, ExportOptions
 from surgery.export.weights import Resident, SafetensorsIndex, parameters_on_meta
+from surgery.packs import check_transformers, pack_for_model_type
+
+
+def export_spec_for(model_type: str) -> ArchSpec:
+    """The export spec the pack for `model_type` declares (warning when transformers is outside the range
+    that pack was checked with); a one-line error when there is no pack or it declares no spec."""
+    pack = pack_for_model_type(model_type)
+    if pack is None:
+        raise SurgeryError(f"export has no spec for model_type {model_type!r}; is there a pack for it "
+                           "(`surgery list`)?")
+    if pack.export_spec is None:
+        raise SurgeryError(f"pack {pack.name!r} declares no export spec, so export cannot find the layers of a "
+                           f"{model_type!r} model; give the pack an `export_spec` (docs/porting.md)")
+    check_transformers(pack)
+    return pack.export_spec
 
 
 def check_source(model_dir: Path, options: ExportOptions) -> dict:
@@ -29,9 +44,7 @@ def check_source(model_dir: Path, options: ExportOptions) -> dict:
     if config.get("auto_map") and not options.trust_remote_code:
         raise SurgeryError(f"{model_dir} runs its own modeling code (auto_map); pass --trust-remote-code "
                            "if you trust it")
-    if spec_for(str(config.get("model_type"))) is None:
-        raise SurgeryError(f"export has no spec for model_type {config.get('model_type')!r}; "
-                           "is there a pack for it (`surgery list`)?")
+    export_spec_for(str(config.get("model_type")))
     check_weights(model_dir)
     return config
 
@@ -66,7 +79,7 @@ def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, d
                                                     dtype=DTYPES[options.dtype])
 
     model = _loading(model_dir, build)
-    spec = spec_for(config["model_type"])
+    spec = export_spec_for(config["model_type"])
     aliases = ({f"{spec.lm_head}.weight": f"{spec.embedding}.weight"}
                if config.get("tie_word_embeddings") else {})
     return Resident(model, SafetensorsIndex(model_dir), DTYPES[options.dtype], aliases), config

@@ -14,9 +14,8 @@ import torch
 
 from surgery.contract import random_inputs
 from surgery.errors import SurgeryError
-from surgery.export.arch import spec_for
 from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
-from surgery.export.source import load_streaming
+from surgery.export.source import export_spec_for, load_streaming
 from surgery.export.tables import Table, row_chunks, rows_for_ids
 from surgery.export.trace import ParamsAsInputs, unique_parameters
 from surgery.export.weights import Resident
@@ -80,7 +79,7 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False,
     options = ExportOptions(seq_length=manifest.seq_length, dtype=manifest.dtype, opset=manifest.opset,
                             blocks=tuple(layers), trust_remote_code=trust_remote_code)
     resident, config = load_streaming(source_model(onnx_dir, manifest), options)
-    spec = spec_for(config["model_type"])
+    spec = export_spec_for(config["model_type"])
     jobs = {job.name: job for job in plan_jobs(resident.model, spec, manifest.seq_length, manifest.dtype,
                                                tuple(layers))}
     table_dtype = DTYPES[manifest.dtype]

@@ -3,7 +3,7 @@
 Scaffolded by `surgery port olmo2 --like llama`; see docs/porting.md for what to check next.
 """
 
-from .native import native_pack
+from surgery.patches.native_rules import native_pack
 
 PACK = native_pack("olmo2", family="olmo2", model_types=("olmo2",), architecture="Olmo2ForCausalLM",
                    summary="Olmo2 (transformers modeling_olmo2)")

@@ -4,13 +4,16 @@ The edits people make by hand before exporting these models to NPUs, as codemods
 remote code needs to load on transformers 5.x.
 """
 
+from functools import partial
+
 import libcst.matchers as m
 
 from surgery.codemod import Patch
+from surgery.export.arch import ArchSpec, qwen_block, qwen_rope
 from surgery.packs import ApplyOptions, Pack
 
-from .causal_mask import RegisteredCausalMask, TrilCausalMask
-from .common import (
+from .causal_mask_rules import RegisteredCausalMask, TrilCausalMask
+from .common_rules import (
     IS_NOT_NONE,
     CallFirstInMethod,
     ForceModuleConstant,
@@ -43,31 +46,43 @@ CACHE_CONCAT = m.If(test=m.Comparison(left=m.Name("layer_past"), comparisons=[IS
 
 PATCHES = [
     Patch("sdpa-off", "SUPPORT_TORCH2 = False: torch 2 SDPA does not export to static ONNX",
-          [ForceModuleConstant("SUPPORT_TORCH2", "False")]),
+          [partial(ForceModuleConstant, "SUPPORT_TORCH2", "False")]),
     Patch("sdpa-branch", "drop the SDPA branch in attention, keep the eager `_attn` path",
-          [KeepElseOfFlagBranch("SUPPORT_TORCH2")], required=False,
+          [partial(KeepElseOfFlagBranch, "SUPPORT_TORCH2")], required=False,
           absent_reason="this revision has no SDPA branch"),
     Patch("full-divisor", "`attn_weights / torch.full([], s)` -> `/ s`: the 0-d full breaks shape inference",
-          [ScalarDivision()], required=False,
+          [ScalarDivision], required=False,
           absent_reason="this revision already divides by a plain scalar"),
     Patch("causal-mask", "remove the built-in causal mask; only the additive attention_mask input masks",
-          [RegisteredCausalMask(), TrilCausalMask()]),
+          [RegisteredCausalMask, TrilCausalMask]),
     Patch("present-kv", "take `present = (key, value)` before the cache concat: blocks return this step's K/V",
-          [HoistBefore(PRESENT, CACHE_CONCAT, name="hoist-present",
-                       anchor="`if use_cache: present = ...` after `if layer_past is not None:` in one block",
-                       note="present holds only this step's K/V")]),
+          [partial(HoistBefore, PRESENT, CACHE_CONCAT, name="hoist-present",
+                   anchor="`if use_cache: present = ...` after `if layer_past is not None:` in one block",
+                   note="present holds only this step's K/V")]),
     Patch("stream-generator", "make the transformers_stream_generator import optional (loader refuses it)",
-          [OptionalImport("transformers_stream_generator")], required=False,
+          [partial(OptionalImport, "transformers_stream_generator")], required=False,
           absent_reason="this revision does not import transformers_stream_generator"),
     Patch("head-mask", "replace `self.get_head_mask(...)` (removed in transformers 5)",
-          [ReplaceMethodCall("get_head_mask", "([None] * {1} if {0} is None else {0})",
-                             note="get_head_mask was removed in transformers 5")], required=False,
+          [partial(ReplaceMethodCall, "get_head_mask", "([None] * {1} if {0} is None else {0})",
+                   note="get_head_mask was removed in transformers 5")], required=False,
           absent_reason="this revision does not call get_head_mask"),
     Patch("restore-buffers", "rebuild non-persistent buffers that transformers 5 leaves uninitialised",
-          [CallFirstInMethod("QWenPreTrainedModel", "_init_weights", RESTORE_BUFFERS,
-                             "_surgery_restore_buffers(module)",
-                             note="transformers 5 leaves non-persistent buffers uninitialised")]),
+          [partial(CallFirstInMethod, "QWenPreTrainedModel", "_init_weights", RESTORE_BUFFERS,
+                   "_surgery_restore_buffers(module)",
+                   note="transformers 5 leaves non-persistent buffers uninitialised")]),
 ]
+
+# the remote code's own layout: `transformer.h` blocks, MHA (as many K/V heads as heads), `kv_channels`
+EXPORT_SPEC = ArchSpec(
+    embedding="transformer.wte",
+    layers="transformer.h",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    rope_tables=qwen_rope,
+    call_block=qwen_block,
+    num_kv_heads=lambda c: c.num_attention_heads,
+    head_dim=lambda c: c.kv_channels,
+)
 
 
 def config_edits(opts: ApplyOptions) -> dict[str, object]:
@@ -91,4 +106,5 @@ PACK = Pack(
     config_edits=config_edits,
     checked_with=">=5.0,<6",
     load_only=("stream-generator", "head-mask", "restore-buffers"),
+    export_spec=EXPORT_SPEC,
 )

@@ -21,7 +21,7 @@ from surgery.codemod import Outcome, Patch, PatchResult, markers, run_patch
 from surgery.errors import SurgeryError
 from surgery.fsutil import atomic_write_json, read_text, sha256_file, sha256_text, staged_directory
 from surgery.outputs import claim, write_record
-from surgery.packs import ApplyOptions, Pack, all_packs, check_seq_length, pack_for_model_type
+from surgery.packs import ApplyOptions, Pack, all_packs, check_seq_length, check_transformers, pack_for_model_type
 
 RECORD = "surgery.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx", ".npz")
@@ -136,6 +136,7 @@ def plan_apply(pack: Pack, model_dir: Path, options: ApplyOptions) -> Plan:
     """Run the pack's patches in memory. Raises SurgeryError when a required anchor is missing."""
     config, config_text = read_config(model_dir)
     check_model_type(pack, config, model_dir)
+    check_transformers(pack)
     if options.seq_length is not None:
         check_seq_length(options.seq_length, config)
     results: list[PatchResult] = []

@@ -19,7 +19,7 @@ from surgery.onnxio import ort_session
 from surgery.parity import Parity, compare
 
 LEVELS = ("none", "sample", "all")
-WEIGHTLESS = ("greedy_head", "penalty_sample_head", "sample_head")
+WEIGHTLESS = ("greedy_head", "sample_head")
 DELTA = "hidden_states - input_states"
 
 

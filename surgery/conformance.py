@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from surgery.apply import plan_apply, write_plan
-from surgery.export.arch import ArchSpec, spec_for
+from surgery.export.arch import ArchSpec
 from surgery.export.exporter import ExportOptions, export_model
 from surgery.export.verify import verify_export
 from surgery.manifest import MASK_VALUE
@@ -83,7 +83,7 @@ def check_pack(pack_name: str, src: Path, work: Path, seq: int = 64, new_tokens:
     prompt = torch.randint(0, original.config.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(seed)).tolist()
     ids = torch.tensor([prompt])
-    spec = spec_for(patched.config.model_type)
+    spec = pack.export_spec
     with torch.no_grad():
         want = original(ids, use_cache=False).logits
     logits_diff = float((block_logits(patched, spec, ids) - want).abs().max())

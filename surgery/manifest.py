@@ -29,7 +29,7 @@ class TensorSpec:
 class GraphSpec:
     name: str
     file: str
-    kind: str  # embedding | embedding_cache | block | block_cache | lm_head | greedy_head | penalty_sample_head
+    kind: str  # embedding | embedding_cache | block | block_cache | lm_head | greedy_head | sample_head
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     sha256: str
@@ -42,6 +42,24 @@ class GraphSpec:
         return cls(raw["name"], raw["file"], raw["kind"], [TensorSpec.of(t) for t in raw["inputs"]],
                    [TensorSpec.of(t) for t in raw["outputs"]], raw["sha256"], raw.get("layer"), raw.get("data_file"),
                    raw.get("data_sha256"))
+
+
+@dataclass
+class Compiled:
+    """`Manifest.compiled`: what an adapter made, how, and how close it is to onnxruntime."""
+
+    adapter: str
+    chip: str
+    options: dict
+    toolchain: dict
+    files: list[str]  # what the device runtime loads, relative to the compiled directory
+    check: str = "sample"
+    parity: list[dict] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # adapter-specific: routes, commands, the host embedding, ...
+
+    @classmethod
+    def of(cls, raw: dict) -> Compiled:
+        return cls(**raw)
 
 
 @dataclass
@@ -66,7 +84,7 @@ class Manifest:
     embedding_file: dict | None = None  # with --embedding-disk: {file, dtype bfloat16, shape, rounding, sha256}
     optimizations: list[dict] = field(default_factory=list)  # `surgery optimize` runs: target, passes, counts
     backend: str = "onnxruntime"  # what runs the graph files: onnxruntime, mnn, bmodel, ...
-    compiled: dict | None = None  # `surgery compile`: chip, flags, toolchain versions, parity table
+    compiled: Compiled | None = None  # `surgery compile`: adapter, chip, options, toolchain, files, parity
     conventions: dict = field(default_factory=lambda: {
         "kv_layout": "BSHD [1, seq, kv_heads, head_dim]",
         "mask": {"kind": "additive", "value": MASK_VALUE,
@@ -108,6 +126,8 @@ class Manifest:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             raw["graphs"] = [GraphSpec.of(g) for g in raw["graphs"]]
+            if raw.get("compiled") is not None:
+                raw["compiled"] = Compiled.of(raw["compiled"])
             manifest = cls(**raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SurgeryError(f"{path} is not a valid manifest ({type(exc).__name__}); re-run `surgery export`"

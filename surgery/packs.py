@@ -1,15 +1,34 @@
-"""What a patch pack is, and the registry that finds every pack in `surgery.patches`."""
+"""What a patch pack is, and the registry that finds every pack: the modules of `surgery.patches` that
+define `PACK`, then the `surgery.packs` entry points of other installed distributions.
+
+`surgery.patches` holds two kinds of modules, told apart by name: pack modules (`qwen.py`, `llama.py`,
+one per family, each defining `PACK`) and rule libraries (`*_rules.py`: rules, matchers, pack factories),
+which the registry never imports. A pack kept in a user's own package is found through an entry point
+(as pytest finds plugins), so `surgery list` / `apply` see it from a pip-installed surgery too.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from typing import TYPE_CHECKING
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from surgery.codemod import Patch
 from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    from surgery.export.arch import ArchSpec
+
+ENTRY_POINT_GROUP = "surgery.packs"
+RULES_SUFFIX = "_rules"  # rule libraries in surgery.patches: never a pack
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,7 +46,8 @@ class ApplyOptions:
 
 @dataclass(frozen=True)
 class Pack:
-    """A short, declarative description of how to make one model family exportable."""
+    """A short, declarative description of how to make one model family exportable: its patches, its
+    config edits, and (for `surgery export`) where the patched model keeps its pieces."""
 
     name: str
     version: str
@@ -36,23 +56,63 @@ class Pack:
     architectures: tuple[str, ...]
     files: Mapping[str, Sequence[Patch]]
     config_edits: Callable[[ApplyOptions], Mapping[str, object]]
-    checked_with: str  # the transformers versions the pack was checked against, e.g. ">=5.0,<6"
+    checked_with: str  # transformers versions the pack was checked against (a specifier, e.g. ">=5.0,<6")
     load_only: tuple[str, ...] = ()  # patches that only make the unchanged model load on this transformers
     # files taken from the installed transformers package (path inside it) when the model dir has none
     sources: Mapping[str, str] = field(default_factory=dict)
+    export_spec: ArchSpec | None = None  # None: the pack's output cannot be exported yet
+
+    def __post_init__(self) -> None:
+        try:
+            SpecifierSet(self.checked_with)
+        except InvalidSpecifier:
+            raise ValueError(f"pack {self.name!r}: checked_with {self.checked_with!r} is not a version "
+                             "specifier such as '>=5.0,<6'") from None
+
+
+def _builtin_packs() -> Iterator[Pack]:
+    """`PACK` of every pack module in `surgery.patches`. Rule libraries are skipped unimported; any other
+    module without PACK (a file left over from an older install) is ignored, not fatal: tests hold the
+    layout (tests/test_codemods.py)."""
+    import surgery.patches as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.endswith(RULES_SUFFIX) or info.name.startswith("_"):
+            continue
+        pack = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), "PACK", None)
+        if isinstance(pack, Pack):
+            yield pack
+
+
+def _load_entry_point(entry) -> Pack:
+    loaded = entry.load()
+    pack = loaded if isinstance(loaded, Pack) else getattr(loaded, "PACK", None)
+    if not isinstance(pack, Pack):
+        raise TypeError(f"{entry.value} is neither a Pack nor a module defining PACK")
+    return pack
+
+
+def _entry_point_packs() -> Iterator[tuple[str, Pack]]:
+    """Packs other distributions declare under `[project.entry-points."surgery.packs"]`, with the entry
+    point that named each; a broken one costs a one-line warning, never the command."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            yield entry.value, _load_entry_point(entry)
+        except Exception as exc:  # any import-time failure of foreign code
+            first = (str(exc).strip().splitlines() or [""])[0]
+            log.warning("warning: pack entry point %r (%s) skipped: %s%s", entry.name, entry.value,
+                        type(exc).__name__, f": {first}" if first else "")
 
 
 @cache
 def all_packs() -> dict[str, Pack]:
-    """Every module in `surgery.patches` that defines `PACK`, by pack name."""
-    import surgery.patches as package
-
-    found = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        pack = getattr(module, "PACK", None)
-        if isinstance(pack, Pack):
-            found[pack.name] = pack
+    """Every pack by name: built-ins first, then entry points (which cannot replace a pack by name)."""
+    found = {pack.name: pack for pack in _builtin_packs()}
+    for where, pack in _entry_point_packs():
+        if pack.name in found:
+            log.warning("warning: pack entry point %s skipped: a pack named %r is already known", where, pack.name)
+            continue
+        found[pack.name] = pack
     return dict(sorted(found.items()))
 
 
@@ -93,6 +153,30 @@ def resolve_pack(name: str, config: dict) -> Pack:
         raise SurgeryError(f"no pack handles model_type {model_type!r}; the closest is {like!r}: scaffold one with "
                            f"`surgery port {model_type} --like {like}`")
     return pack
+
+
+def installed_transformers() -> str | None:
+    """The installed transformers version, read from its metadata (importing it would cost seconds)."""
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def check_transformers(pack: Pack) -> None:
+    """Warn (once per process, i.e. per command) when the installed transformers is outside the range the
+    pack was checked with: its patches may then miss anchors or rewrite code they were not written for."""
+    installed = installed_transformers()
+    if installed is None or SpecifierSet(pack.checked_with).contains(installed, prereleases=True):
+        return
+    key = (pack.name, pack.checked_with, installed)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("warning: pack %r was checked with transformers %s, but %s is installed; check the result "
+                    "(the conformance test) or install a checked version", pack.name, pack.checked_with, installed)
 
 
 MAX_SEQ_LENGTH = 32768  # a static [SEQ, SEQ] prefill mask alone is 4 GB in fp32 at 32768

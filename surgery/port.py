@@ -18,7 +18,7 @@ NATIVE_PACK = '''"""{title} (`model_type: {name}`): transformers' own modeling c
 Scaffolded by `surgery port {name} --like {like}`; see docs/porting.md for what to check next.
 """
 
-from .native import native_pack
+from surgery.patches.native_rules import native_pack
 
 PACK = native_pack("{name}", family="{name}", model_types=("{name}",), architecture="{architecture}",
                    summary="{title} (transformers modeling_{name})")
@@ -31,8 +31,7 @@ then run the conformance test; a failed anchor names the rule and what it looked
 """
 
 from surgery.packs import Pack
-
-from .{like} import PATCHES, config_edits
+from surgery.patches.{like} import PATCHES, config_edits
 
 PACK = Pack(
     name="{name}",
@@ -43,6 +42,7 @@ PACK = Pack(
     files={{"modeling_{name}.py": PATCHES}},
     config_edits=config_edits,
     checked_with=">=5.0,<6",
+    export_spec=None,  # an ArchSpec (surgery.export.arch) once the layout is known; the {like} pack's is a start
 )
 '''
 

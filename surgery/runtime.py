@@ -17,6 +17,18 @@ from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What the `sample_head` net takes (LLM-TPU's defaults: penalty 1.0, temperature 1.0, top-k 50, top-p
+    1.0); the runtime draws one of the first `top_k` candidates with their probabilities."""
+
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    penalty: float = 1.0
+    seed: int = 0
+
+
 @dataclass
 class Generation:
     tokens: list[int]
@@ -52,8 +64,11 @@ class Runtime:
         bits = self.table[ids[0]].astype(np.uint32) << 16
         return bits.view(np.float32)[None].astype(self.float)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> Generation:
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None,
+                 sampling: Sampling | None = None) -> Generation:
+        """Greedy through `greedy_head`, or (`sampling`) a draw from what `sample_head` returns."""
         m = self.manifest
+        seen, rng = list(prompt), np.random.default_rng(sampling.seed if sampling else 0)
         seq, n = m.seq_length, len(prompt)
         if not 0 < n < seq:
             raise SurgeryError(f"the prompt has {n} tokens; this export takes 1 to {seq - 1} "
@@ -70,12 +85,13 @@ class Runtime:
             hidden, k, v = self.run(f"block_{i}", input_states=hidden, position_ids=pos, attention_mask=mask)
             k_cache.append(k)
             v_cache.append(v)
-        token = self._next(hidden[:, n - 1])
+        token = self._next(hidden[:, n - 1], seen, sampling, rng)
         prefill_ms = (time.perf_counter() - start) * 1000
         tokens, steps = [token], []
         length = n + 1  # tokens so far, including the one just produced
         while len(tokens) < max_new_tokens and length <= seq and not (eos and token in eos):
             t0 = time.perf_counter()
+            seen.append(token)
             p = length - 1
             hidden = self.embed(np.array([[token]], np.int32))
             dmask = decode_mask(seq, p, self.float)
@@ -85,16 +101,29 @@ class Runtime:
                                         history_k=k_cache[i], history_v=v_cache[i])
                 k_cache[i][:, p] = k[:, 0]
                 v_cache[i][:, p] = v[:, 0]
-            token = self._next(hidden[:, 0])
+            token = self._next(hidden[:, 0], seen, sampling, rng)
             tokens.append(token)
             length += 1
             steps.append(time.perf_counter() - t0)
         rate = len(steps) / sum(steps) if steps else 0.0
         return Generation(tokens, prefill_ms, rate, steps)
 
-    def _next(self, hidden_row: np.ndarray) -> int:
+    def _next(self, hidden_row: np.ndarray, seen: list[int], sampling: Sampling | None,
+              rng: np.random.Generator) -> int:
         logits = self.run("lm_head", hidden_states=hidden_row)[0]
-        return int(self.run("greedy_head", m_logits=logits)[0].reshape(-1)[0])
+        if sampling is None:
+            return int(self.run("greedy_head", m_logits=logits)[0].reshape(-1)[0])
+        ids = np.zeros((1, self.manifest.seq_length), np.int32)  # the ids seen so far, zero-padded
+        recent = seen[-self.manifest.seq_length:]
+        ids[0, :len(recent)] = recent
+        probs, tokens = self.run("sample_head", m_logits=logits, input_ids=ids,
+                                 penalty=np.array([sampling.penalty], np.float32),
+                                 temperature=np.array([sampling.temperature], np.float32),
+                                 top_k=np.array([sampling.top_k], np.int32),
+                                 top_p=np.array([sampling.top_p], np.float32))
+        weights = probs.reshape(-1)[:sampling.top_k].astype(np.float64)
+        pick = 0 if sampling.top_k == 1 or weights.sum() <= 0 else rng.choice(len(weights), p=weights / weights.sum())
+        return int(tokens.reshape(-1)[pick])
 
 
 class OnnxModel(Runtime):
@@ -134,12 +163,29 @@ def tokenizer_from(directory: str | Path, trust_remote_code: bool = False):
 
 def open_runtime(directory: str | Path) -> Runtime:
     """The runtime the directory's manifest names (onnxruntime for exports, MNN for `compile --chip mnn`)."""
-    manifest = Manifest.read(Path(directory))
-    if manifest.backend == "mnn":
-        from surgery.compile.mnn import MnnModel
+    from surgery.compile.registry import runtime_for
 
-        return MnnModel(directory)
-    if manifest.backend != "onnxruntime":
+    manifest = Manifest.read(Path(directory))
+    runtime = OnnxModel if manifest.backend == "onnxruntime" else runtime_for(manifest.backend)
+    if runtime is None:
         raise SurgeryError(f"{directory} holds {manifest.backend} models, which run on the device; "
                            "run the exported ONNX directory on the host instead")
-    return OnnxModel(directory)
+    return runtime(directory)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool, system: str | None = None) -> list[int]:
+    """Prompt ids as the model expects them: wrapped in its chat template when asked (and it has one)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def stop_ids(manifest: Manifest, tokenizer=None) -> set[int]:
+    """Every end-of-sequence id: the model config's (one or a list) and the tokenizer's."""
+    eos = manifest.eos_token_id
+    ids = {eos} if isinstance(eos, int) else {i for i in (eos or []) if isinstance(i, int)}
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

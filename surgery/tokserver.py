@@ -38,6 +38,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from surgery.errors import SurgeryError
+from surgery.runtime import encode_prompt
 
 MAX_BODY = 1 << 20
 DRAIN_LIMIT = 16 << 20  # an oversized body up to this is read and dropped so the client sees the 413
@@ -162,11 +163,8 @@ class TokenizerApp:
             raise BadRequest(400, 'send {"text": "..."}')
         text, tok = _string(data, "text"), self.tokenizer
         system = _string(data, "system") if data.get("system") is not None else None
-        if _flag(data, "chat", True) and tok.chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            return len(text), lambda: {"token_ids": list(tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])}
-        return len(text), lambda: {"token_ids": list(tok(text)["input_ids"])}
+        chat = _flag(data, "chat", True)
+        return len(text), lambda: {"token_ids": encode_prompt(tok, text, chat, system)}
 
     def _decode(self, data: Message) -> tuple[int, Callable[[], Message]]:
         ids = data.get("token_ids")

@@ -1,109 +1,26 @@
-"""Each shared rule on a minimal snippet: what it rewrites, and that it leaves other code alone."""
+"""The patch engine: outcomes, idempotence through markers, rules made per run, and the contract it enforces
+(marking is the only way to count; an `applied` without the marker is refused). The rules themselves have
+exact before/after tests in tests/test_rules_*.py; the last tests here check that every rule has one."""
 
 from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+from functools import partial
+from pathlib import Path
 
 import libcst as cst
 import pytest
 
-from surgery.codemod import Outcome, Patch, markers, run_patch
-from surgery.patches.causal_mask import RegisteredCausalMask, TrilCausalMask
-from surgery.patches.common import (
-    ForceModuleConstant,
-    KeepElseOfFlagBranch,
-    OptionalImport,
-    ReplaceMethodCall,
-    ScalarDivision,
-    prune_dead_assignments,
-)
+import surgery.patches
+from surgery.codemod import Outcome, Patch, Rule, RuleContext, RuleError, markers, run_patch
+from surgery.codemod_testing import assert_rule
+from surgery.packs import RULES_SUFFIX, Pack
+from surgery.patches.common_rules import ForceModuleConstant, prune_dead_assignments
 
-
-def rewrite(rule, source: str) -> str | None:
-    new = rule.run(cst.parse_module(source), "test/rule")
-    return None if new is None else new.code
-
-
-def code_lines(source: str) -> list[str]:
-    """Non-comment, non-blank lines, stripped."""
-    return [s.strip() for s in source.splitlines() if s.strip() and not s.strip().startswith("#")]
-
-
-def test_force_module_constant_only_at_module_level():
-    src = "FLAG = compute()\ndef f():\n    FLAG = 1\n"
-    out = rewrite(ForceModuleConstant("FLAG", "False"), src)
-    assert code_lines(out) == ["FLAG = False", "def f():", "FLAG = 1"]
-    assert "# surgery: test/rule: was `compute()`" in out
-    assert rewrite(ForceModuleConstant("OTHER", "False"), src) is None
-
-
-def test_scalar_division_replaces_zero_dim_full():
-    src = "w = w / torch.full([], s ** 0.5, dtype=w.dtype, device=w.device)\nz = x / torch.full([2], 3)\n"
-    out = rewrite(ScalarDivision(), src)
-    assert code_lines(out) == ["w = w / (s ** 0.5)", "z = x / torch.full([2], 3)"]
-
-
-def test_keep_else_of_flag_branch_handles_if_and_elif():
-    src = ("if a and FLAG:\n    x = 1\nelse:\n    x = 2\n"
-           "if b:\n    y = 1\nelif FLAG:\n    y = 2\nelse:\n    y = 3\n"
-           "if FLAG:\n    z = 1\n")
-    out = rewrite(KeepElseOfFlagBranch("FLAG"), src)
-    assert code_lines(out) == ["x = 2", "if b:", "y = 1", "else:", "y = 3", "if FLAG:", "z = 1"]
-
-
-def test_optional_import_skips_imports_already_in_try():
-    src = ("def f():\n    from pkg.main import A\n"
-           "try:\n    from pkg import B\nexcept ImportError:\n    B = None\n")
-    out = rewrite(OptionalImport("pkg"), src)
-    assert out.count("try:") == 2 and "raise ImportError" in out
-    compile(out, "x", "exec")
-    assert rewrite(OptionalImport("other"), src) is None
-
-
-def test_replace_method_call_formats_arguments():
-    src = "h = self.get_head_mask(hm, self.n)\n"
-    out = rewrite(ReplaceMethodCall("get_head_mask", "([None] * {1} if {0} is None else {0})", "gone"), src)
-    assert code_lines(out) == ["h = ([None] * self.n if hm is None else hm)"]
-
-
-def test_registered_causal_mask_removes_mask_and_its_temporaries_only():
-    src = '''
-def _attn(self, q, k, registered_causal_mask, attention_mask=None):
-    w = q @ k
-    query_length, key_length = q.size(-2), k.size(-2)
-    causal_mask = registered_causal_mask[:, :, key_length - query_length : key_length, :key_length]
-    mask_value = torch.finfo(w.dtype).min
-    mask_value = torch.full([], mask_value, dtype=w.dtype)
-    w = torch.where(causal_mask, w, mask_value)
-    if attention_mask is not None:
-        w = w + attention_mask
-    return w, key_length
-'''
-    out = rewrite(RegisteredCausalMask(), src)
-    # key_length is still returned, so its assignment stays; the rest of the mask code goes
-    assert code_lines(out) == [
-        "def _attn(self, q, k, registered_causal_mask, attention_mask=None):", "w = q @ k",
-        "query_length, key_length = q.size(-2), k.size(-2)", "if attention_mask is not None:",
-        "w = w + attention_mask", "return w, key_length"]
-
-
-def test_tril_causal_mask_rule():
-    src = '''
-def _attn(self, q, k, causal_mask=None):
-    w = q @ k
-    mask_value = torch.finfo(w.dtype).min
-    if causal_mask is not None:
-        w = torch.where(causal_mask, w, mask_value)
-    return w
-def forward(self, q, k):
-    if q.size(1) == k.size(1):
-        causal_mask = torch.tril(torch.ones((4, 4), dtype=torch.bool))
-    else:
-        causal_mask = None
-    return self._attn(q, k, causal_mask)
-'''
-    out = "\n".join(code_lines(rewrite(TrilCausalMask(), src)))
-    assert "torch.where" not in out and "tril" not in out and "mask_value" not in out
-    assert "causal_mask = None" in out
-    assert rewrite(RegisteredCausalMask(), src) is None
+FLAG = partial(ForceModuleConstant, "FLAG", "False")
 
 
 def test_prune_keeps_names_still_read():
@@ -115,42 +32,116 @@ def test_prune_keeps_names_still_read():
 @pytest.mark.parametrize("required,expected", [(True, Outcome.ANCHOR_NOT_FOUND), (False, Outcome.NOT_APPLICABLE)])
 def test_run_patch_outcomes(required, expected):
     module = cst.parse_module("x = 1\n")
-    patch = Patch("flag", "force FLAG", [ForceModuleConstant("FLAG", "False")], required=required,
-                  absent_reason="no FLAG here")
+    patch = Patch("flag", "force FLAG", [FLAG], required=required, absent_reason="no FLAG here")
     _, result = run_patch(patch, "p", "m.py", module, markers(module))
     assert result.outcome is expected
     if required:
-        assert "module-level assignment `FLAG = ...`" in result.detail
+        assert result.detail == "module-constant: a module-level assignment `FLAG = ...`"
     else:
         assert result.detail == "no FLAG here"
 
 
 def test_run_patch_is_idempotent_through_markers():
     module = cst.parse_module("FLAG = True\n")
-    patch = Patch("flag", "force FLAG", [ForceModuleConstant("FLAG", "False")])
+    patch = Patch("flag", "force FLAG", [FLAG])
     once, first = run_patch(patch, "p", "m.py", module, markers(module))
     twice, second = run_patch(patch, "p", "m.py", once, markers(once))
     assert (first.outcome, second.outcome) == (Outcome.APPLIED, Outcome.ALREADY_APPLIED)
+    assert (first.rule, first.detail) == ("module-constant", "1 site(s)")
     assert twice.code == once.code
 
 
-@pytest.mark.parametrize("cache", ["past_key_values", "cache"])
-def test_cache_to_present_takes_either_cache_name(cache):
-    """transformers 5.24 renamed the attention's `past_key_values` argument to `cache`."""
-    from surgery.patches.native import CacheToPresent
+def test_patch_holds_factories_and_makes_a_fresh_rule_per_run():
+    made = []
 
-    src = (f"def forward(self, h, {cache}=None):\n"
-           "    k, v = self.k(h), self.v(h)\n"
-           f"    if {cache} is not None:\n"
-           f"        k, v = {cache}.update(k, v, self.layer_idx)\n"
-           "    return attn(k, v), w\n")
-    out = rewrite(CacheToPresent(), src)
-    assert out == (f"def forward(self, h, {cache}=None):\n"
-                   "    k, v = self.k(h), self.v(h)\n"
-                   "    # surgery: test/rule: this step's K/V, BSHD\n"
-                   "    present = (k.transpose(1, 2), v.transpose(1, 2))\n"
-                   f"    if {cache} is not None:\n"
-                   f"        k = torch.cat(({cache}[0].transpose(1, 2), k), dim=2)\n"
-                   f"        v = torch.cat(({cache}[1].transpose(1, 2), v), dim=2)\n"
-                   "    # surgery: test/rule: returns present\n"
-                   "    return attn(k, v), present\n")
+    def factory() -> Rule:
+        made.append(FLAG())
+        return made[-1]
+
+    patch = Patch("flag", "force FLAG", [factory])
+    assert [(r.name, r.anchor) for r in patch.rules] == [("module-constant", "a module-level assignment `FLAG = ...`")]
+    for _ in range(2):
+        module = cst.parse_module("FLAG = True\n")
+        run_patch(patch, "p", "m.py", module, markers(module))
+    assert len(made) == 3 and len({id(r) for r in made}) == 3  # the probe for name/anchor, then one per run
+
+
+def test_patch_refuses_rule_instances():
+    with pytest.raises(TypeError, match="rule factories"):
+        Patch("flag", "force FLAG", [FLAG()])
+
+
+def test_a_rule_runs_once():
+    rule = FLAG()
+    rule.run(cst.parse_module("FLAG = 1\n"), RuleContext("p/x", "a.py"))
+    with pytest.raises(RuleError, match="already ran on a.py"):
+        rule.run(cst.parse_module("FLAG = 1\n"), RuleContext("p/x", "b.py"))
+
+
+class _Unmarked(Rule):
+    """A broken rule: it counts a site through `mark` but returns the statement without the marker."""
+
+    name = "unmarked"
+    anchor = "`x = ...`"
+
+    def leave_SimpleStatementLine(self, original, updated):
+        self.mark(updated)
+        return updated.with_changes(body=[cst.parse_statement("x = 2\n").body[0]])
+
+
+def test_engine_refuses_an_applied_without_marker():
+    module = cst.parse_module("x = 1\n")
+    with pytest.raises(RuleError) as err:
+        run_patch(Patch("set-x", "x = 2", [_Unmarked]), "pk", "m.py", module, markers(module))
+    assert str(err.value).startswith("pack pk, patch set-x, rule 'unmarked': rewrote m.py but left no "
+                                     "`# surgery: pk/set-x` comment")
+
+
+class _TwoMarksOneSite(Rule):
+    name = "two-marks"
+
+    def leave_SimpleStatementLine(self, original, updated):
+        return self.mark(self.mark(updated, "first"), "same call", same_site=True)
+
+
+def test_marks_count_sites():
+    module = cst.parse_module("a = 1\nb = 2\n")
+    new, result = run_patch(Patch("m", "mark", [_TwoMarksOneSite]), "p", "m.py", module, set())
+    assert result.detail == "2 site(s)"
+    assert new.code.count("# surgery: p/m") == 4
+
+
+def test_assert_rule_reports_the_difference():
+    with pytest.raises(AssertionError, match="rewrote the snippet differently"):
+        assert_rule(FLAG, "FLAG = 1\n", "FLAG = False\n")  # the marker is part of the exact code
+    with pytest.raises(AssertionError, match="found an anchor where none was expected"):
+        assert_rule(FLAG, "FLAG = 1\n", None)
+    with pytest.raises(AssertionError, match="anchor not found"):
+        assert_rule(FLAG, "OTHER = 1\n", "OTHER = 1\n")
+
+
+def _rule_libraries() -> list:
+    return [importlib.import_module(f"surgery.patches.{i.name}") for i in pkgutil.iter_modules(surgery.patches.__path__)
+            if i.name.endswith(RULES_SUFFIX)]
+
+
+def test_pack_modules_and_rule_libraries_are_apart():
+    """Every module in patches/ is a pack (defines PACK) or a rule library (`*_rules.py`, no PACK)."""
+    for info in pkgutil.iter_modules(surgery.patches.__path__):
+        module = importlib.import_module(f"surgery.patches.{info.name}")
+        is_pack = isinstance(getattr(module, "PACK", None), Pack)
+        assert is_pack != info.name.endswith(RULES_SUFFIX), info.name
+
+
+def test_every_rule_has_an_exact_test():
+    """Each public Rule class of a rule library is the factory (or inside the `partial`) of some
+    `assert_rule(...)` in tests/test_rules_*.py, directly or through a `NAME = partial(Rule, ...)` alias."""
+    rules = {cls.__name__ for module in _rule_libraries() for cls in vars(module).values()
+             if inspect.isclass(cls) and issubclass(cls, Rule) and cls.__module__ == module.__name__
+             and not cls.__name__.startswith("_")}
+    tested = set()
+    for path in Path(__file__).parent.glob("test_rules_*.py"):
+        text = path.read_text()
+        aliases = dict(re.findall(r"^(\w+) = partial\((\w+)", text, re.M))
+        tested |= {aliases.get(n, n) for n in re.findall(r"assert_rule\(\s*(?:partial\()?(\w+)", text)}
+    assert len(rules) == 16 and not rules - tested, f"rules without an exact test: {sorted(rules - tested)}"

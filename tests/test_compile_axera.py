@@ -17,7 +17,8 @@ import onnxruntime as ort
 import pytest
 from helpers import export_native, generic_copy
 
-from surgery.compile.axera import AxeraOptions, compile_axera
+from surgery.compile.axera import ADAPTER as AXERA
+from surgery.compile.base import CompileOptions
 from surgery.contract import random_inputs
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
@@ -42,16 +43,16 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_kit_without_pulsar2(onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    kit = compile_axera(onnx_dir, tmp_path / "kit", AxeraOptions())
+    kit = AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax650"))
     out = tmp_path / "kit"
-    assert kit.compiled["built"] is False and (out / "build.sh").stat().st_mode & 0o111
+    assert kit.compiled.details["built"] is False and (out / "build.sh").stat().st_mode & 0o111
     lines = [line for line in (out / "build.sh").read_text().splitlines() if line.startswith("pulsar2")]
     assert len(lines) == 5 and all("--target_hardware AX650" in line for line in lines)
-    decode = next(g for g in kit.compiled["graphs"] if g["graph"] == "block_cache_0")
+    decode = next(g for g in kit.compiled.details["graphs"] if g["graph"] == "block_cache_0")
     assert decode["inputs"] == ["input", "indices", "mask", "K_cache", "V_cache"]
     assert decode["outputs"] == ["output", "K_cache_out", "V_cache_out"]
     assert decode["samples"] == 4 * 7  # 4 prompts x 7 decode steps after each prefill
-    post = next(g for g in kit.compiled["graphs"] if g["graph"] == "lm_head")
+    post = next(g for g in kit.compiled.details["graphs"] if g["graph"] == "lm_head")
     assert post["name"] == "qwen2_post" and post["inputs"] == ["input"]
     # calibration data are real activations: positions advance, masks open one slot per step
     with tarfile.open(out / "calib" / f"{decode['name']}.indices.tar") as tar:
@@ -62,7 +63,7 @@ def test_kit_without_pulsar2(onnx_dir: Path, tmp_path: Path, monkeypatch: pytest
 
 
 def test_renamed_graphs_compute_the_same(onnx_dir: Path, tmp_path: Path):
-    compile_axera(onnx_dir, tmp_path / "kit", AxeraOptions())
+    AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax650"))
     manifest = Manifest.read(onnx_dir)
     for graph in (manifest.graph("block_cache_1"), manifest.graph("block_0"), manifest.graph("lm_head")):
         name = "qwen2_post" if graph.name == "lm_head" else f"qwen2_{graph.name}"
@@ -80,8 +81,8 @@ def test_renamed_graphs_compute_the_same(onnx_dir: Path, tmp_path: Path):
 def test_pulsar2_on_path_builds_every_graph(onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            fake_pulsar2: Path):
     monkeypatch.setenv("PATH", f"{fake_pulsar2}{os.pathsep}{os.environ['PATH']}")
-    kit = compile_axera(onnx_dir, tmp_path / "kit", AxeraOptions(chip="ax630c"))
-    assert kit.compiled["built"] is True
+    kit = AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax630c"))
+    assert kit.compiled.details["built"] is True
     calls = (tmp_path / "kit" / "build" / "calls.txt").read_text().splitlines()
     assert len(calls) == 5 and all("--target_hardware AX620E" in c for c in calls)
     config = json.loads((tmp_path / "kit" / "configs" / "qwen2_block_0.json").read_text())
@@ -92,7 +93,7 @@ def test_fake_pulsar2_rejects_a_bad_config(onnx_dir: Path, tmp_path: Path, monke
                                            fake_pulsar2: Path):
     """The stand-in really validates: a config with an unknown npu mode fails the build with the log."""
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    compile_axera(onnx_dir, tmp_path / "kit", AxeraOptions())
+    AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax650"))
     config_path = tmp_path / "kit" / "configs" / "qwen2_block_0.json"
     config = json.loads(config_path.read_text())
     config["npu_mode"] = "NPU9"
@@ -106,4 +107,4 @@ def test_fake_pulsar2_rejects_a_bad_config(onnx_dir: Path, tmp_path: Path, monke
 def test_refuses_opset23_graphs(onnx_dir: Path, tmp_path: Path):
     generic = generic_copy(onnx_dir, tmp_path / "generic")
     with pytest.raises(SurgeryError, match="--target ax650"):
-        compile_axera(generic, tmp_path / "kit", AxeraOptions())
+        AXERA.compile(generic, tmp_path / "kit", CompileOptions("ax650"))

@@ -13,13 +13,15 @@ import pytest
 from helpers import export_native
 
 from surgery.checks import DELTA
-from surgery.compile.mnn import compile_mnn
+from surgery.compile.base import CompileOptions
+from surgery.compile.mnn import ADAPTER as MNN
 from surgery.compile.toolchains import installed
 from surgery.errors import SurgeryError
 from surgery.fsutil import sha256_file
 from surgery.manifest import Manifest
 from surgery.runtime import OnnxModel, open_runtime
 
+Q = {None: "fp32", 8: "w8bf16", 4: "w4bf16"}  # -q for float, 8- and 4-bit weights
 pytestmark = pytest.mark.skipif(installed("mnn") is None,
                                 reason="MNN toolchain absent: run `surgery toolchain install mnn` (make toolchains)")
 SURGERY = str(Path(sys.executable).with_name("surgery"))
@@ -32,17 +34,17 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("bits,floor", [(None, 0.9999), (8, 0.99), (4, 0.95)])
 def test_compile_checks_every_graph(onnx_dir: Path, tmp_path: Path, bits: int | None, floor: float):
-    manifest = compile_mnn(onnx_dir, tmp_path / "mnn", bits=bits, block=32, check="all")
-    rows = manifest.compiled["parity"]
+    manifest = MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", Q[bits], 32, check="all"))
+    rows = manifest.compiled.parity
     assert {r["graph"] for r in rows} == {g.name for g in manifest.graphs}
     assert min(r["cosine"] for r in rows if r["output"] == "hidden_states") >= floor
     assert len([r for r in rows if r["output"] == DELTA]) == 4  # what each block adds, beside its output
     assert all((tmp_path / "mnn" / g.file).is_file() for g in manifest.graphs)
-    assert manifest.backend == "mnn" and manifest.compiled["weight_quant_bits"] == bits
+    assert manifest.backend == "mnn" and manifest.compiled.details["weight_quant_bits"] == bits
 
 
 def test_mnn_generates_what_onnxruntime_generates(onnx_dir: Path, tmp_path: Path):
-    compile_mnn(onnx_dir, tmp_path / "mnn", bits=8, block=32)
+    MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "w8bf16", 32))
     prompt = [5, 17, 42, 7, 99, 3]
     model = open_runtime(tmp_path / "mnn")
     got = model.generate(prompt, 16)
@@ -59,7 +61,7 @@ def test_cli_compile_installs_nothing(onnx_dir: Path, tmp_path: Path):
         (fake / name).write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
         (fake / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([SURGERY, "compile", str(onnx_dir), "--chip", "mnn", "--quant-bits", "8", "-o",
+    done = subprocess.run([SURGERY, "compile", str(onnx_dir), "--chip", "mnn", "-q", "w8bf16", "-o",
                            str(tmp_path / "out"), "--json"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     ran = subprocess.run([SURGERY, "run", str(tmp_path / "out"), "--backend", "mnn", "--prompt", "Hello",
@@ -77,7 +79,7 @@ def test_converter_failure_names_graph_command_and_log(onnx_dir: Path, tmp_path:
     manifest.graph("lm_head").sha256 = sha256_file(broken / "lm_head.onnx")
     manifest.write(broken)
     with pytest.raises(SurgeryError) as err:
-        compile_mnn(broken, tmp_path / "out", jobs=1)
+        MNN.compile(broken, tmp_path / "out", CompileOptions("mnn", jobs=1))
     message = str(err.value)
     assert "MNNConvert of graph lm_head failed" in message and "command: " in message
     assert f"last 30 lines of {tmp_path / 'out' / 'logs' / 'lm_head.log'}" in message
@@ -86,4 +88,4 @@ def test_converter_failure_names_graph_command_and_log(onnx_dir: Path, tmp_path:
 def test_missing_toolchain_is_one_line(onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SURGERY_HOME", str(tmp_path / "empty"))
     with pytest.raises(SurgeryError, match=r"the mnn toolchain is not installed; run `surgery toolchain install mnn`"):
-        compile_mnn(onnx_dir, tmp_path / "out")
+        MNN.compile(onnx_dir, tmp_path / "out", CompileOptions("mnn"))

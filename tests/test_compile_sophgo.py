@@ -14,7 +14,10 @@ import torch
 from helpers import export_native, generic_copy
 
 from surgery.checks import DELTA
-from surgery.compile.sophgo import MIN_COSINE, SophgoOptions, compile_sophgo, deploy_flags
+from surgery.compile.base import CompileOptions
+from surgery.compile.sophgo import ADAPTER as SOPHGO
+from surgery.compile.sophgo import MIN_COSINE
+from surgery.compile.sophgo_graphs import deploy_flags
 from surgery.compile.toolchains import bin_env, installed
 from surgery.errors import SurgeryError
 from surgery.fsutil import sha256_file
@@ -27,7 +30,7 @@ SEQ = 32
 
 
 def test_deploy_flags_follow_the_graph_kind(tmp_path: Path):
-    o = SophgoOptions(chip="bm1688", quantize="w4bf16", group_size=128, symmetric=True, num_core=2)
+    o = CompileOptions(chip="bm1688", quantize="w4bf16", group_size=128, symmetric=True, num_core=2)
     graph = lambda kind: type("G", (), {"kind": kind})()  # noqa: E731
     decode = deploy_flags(graph("block_cache"), o)
     assert decode[:3] == ["--quantize", "W4BF16", "--quant_input"] and "--addr_mode" in decode
@@ -48,25 +51,25 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @needs_tpu_mlir
 @pytest.mark.parametrize(("quantize", "check"), [("f16", "all"), ("w4bf16", "sample")])
 def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quantize: str, check: str):
-    manifest = compile_sophgo(onnx_dir, tmp_path / "out", SophgoOptions(quantize=quantize, group_size=32,
+    manifest = SOPHGO.compile(onnx_dir, tmp_path / "out", CompileOptions("bm1684x", quantize=quantize, group_size=32,
                                                                        check=check))
     assert (tmp_path / "out" / f"llama_{quantize}_seq{SEQ}_1dev.bmodel").is_file()
-    rows = manifest.compiled["parity"]
+    rows = manifest.compiled.parity
     everything = {g.name for g in manifest.graphs}
     # sample: embeddings, every decode block and the head; prefill blocks and weightless heads at `all`
-    skipped = {"block_0", "block_1", "greedy_head", "penalty_sample_head"}
+    skipped = {"block_0", "block_1", "greedy_head", "sample_head"}
     want = everything if check == "all" else everything - skipped
-    assert {r["graph"] for r in rows} == want and manifest.compiled["check"] == check
+    assert {r["graph"] for r in rows} == want and manifest.compiled.check == check
     hidden = [r["cosine"] for r in rows if r["output"] == "hidden_states"]
     assert len(hidden) == (4 if check == "all" else 2) and min(hidden) >= MIN_COSINE[quantize]
     assert len([r for r in rows if r["output"] == DELTA]) == len(hidden)
-    assert ["--addr_mode", "io_alone"] == [f for f in manifest.compiled["routes"]["block_cache_0"]["deploy"]
+    assert ["--addr_mode", "io_alone"] == [f for f in manifest.compiled.details["routes"]["block_cache_0"]["deploy"]
                                            if f in ("--addr_mode", "io_alone")]
     # a rerun compiles nothing: every graph comes from the cache
     again = tmp_path / "again"
-    compile_sophgo(onnx_dir, again, SophgoOptions(quantize=quantize, group_size=32, check="none"))
+    SOPHGO.compile(onnx_dir, again, CompileOptions("bm1684x", quantize=quantize, group_size=32, check="none"))
     assert not list((again / "work").glob("*/compile.log"))
-    assert Manifest.read(again).compiled["parity"] == []
+    assert Manifest.read(again).compiled.parity == []
 
 
 @needs_tpu_mlir
@@ -74,7 +77,7 @@ def test_compiler_failure_reports_graph_and_log(onnx_dir: Path, tmp_path: Path):
     broken = tmp_path / "broken"
     shutil.copytree(onnx_dir, broken)
     # a valid graph the compiler cannot take: an op from a custom domain
-    head = Manifest.read(broken).graph("penalty_sample_head")
+    head = Manifest.read(broken).graph("sample_head")
     node = onnx.helper.make_node("Frobnicate", [head.inputs[0].name], [head.outputs[0].name], domain="com.example")
     graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info(
         head.inputs[0].name, onnx.TensorProto.FLOAT, head.inputs[0].shape)], [onnx.helper.make_tensor_value_info(
@@ -82,23 +85,23 @@ def test_compiler_failure_reports_graph_and_log(onnx_dir: Path, tmp_path: Path):
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
                                                             onnx.helper.make_opsetid("com.example", 1)]),
               broken / head.file)
-    manifest = Manifest.read(broken)
+    manifest = Manifest.read(broken, check=False)  # it vouches for the graph we just replaced
     manifest.graph(head.name).sha256 = sha256_file(broken / head.file)
     manifest.write(broken)
     with pytest.raises(SurgeryError) as err:
-        compile_sophgo(broken, tmp_path / "out", SophgoOptions(quantize="f16", jobs=1))
+        SOPHGO.compile(broken, tmp_path / "out", CompileOptions("bm1684x", quantize="f16", jobs=1))
     message = str(err.value)
-    assert "model_transform of graph penalty_sample_head failed" in message
-    assert f"last 30 lines of {tmp_path / 'out' / 'work' / 'penalty_sample_head' / 'compile.log'}" in message
+    assert "model_transform of graph sample_head failed" in message
+    assert f"last 30 lines of {tmp_path / 'out' / 'work' / 'sample_head' / 'compile.log'}" in message
     (broken / "lm_head.onnx").write_bytes(b"not a model")  # a damaged graph: one line before any compiling
-    with pytest.raises(SurgeryError, match="lm_head.onnx is not a readable ONNX graph"):
-        compile_sophgo(broken, tmp_path / "out2", SophgoOptions(quantize="f16", jobs=1))
+    with pytest.raises(SurgeryError, match="graph lm_head: lm_head.onnx does not match the manifest"):
+        SOPHGO.compile(broken, tmp_path / "out2", CompileOptions("bm1684x", quantize="f16", jobs=1))
 
 
 def test_opset23_graphs_are_refused_with_the_fix(onnx_dir: Path, tmp_path: Path):
     generic = generic_copy(onnx_dir, tmp_path / "generic")
     with pytest.raises(SurgeryError, match="run `surgery optimize .* --target bm1684x`"):
-        compile_sophgo(generic, tmp_path / "out", SophgoOptions())
+        SOPHGO.compile(generic, tmp_path / "out", CompileOptions("bm1684x"))
     assert Manifest.read(generic).opset == 23
 
 

@@ -150,19 +150,26 @@ def test_half_precision_exports(qwen_patched: Path, tmp_path: Path):
         OnnxModel(bf16)
 
 
-def test_penalty_sample_head_semantics():
-    from surgery.export.blocks import PenaltySampleHead
+def test_sample_head_semantics():
+    """LLM-TPU's `sample_head`: repetition penalty, top-50 candidates cut to top_k, temperature, top-p with a
+    minimum kept; inputs in the runtime's order (m_logits, input_ids, penalty, temperature, top_k, top_p)."""
+    from surgery.export.blocks import SampleHead
 
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.5, 0.5, -1.0, -2.0, -3.0]])
-    head = PenaltySampleHead(top_k=4, min_keep=2)
-    probs, tokens = head(logits, torch.tensor([[0, 0]], dtype=torch.int32), torch.tensor([0.01]),
-                         torch.tensor([1.0]), torch.tensor([3.0]))
-    assert tokens.tolist() == [[1, 2, 3, 0]]  # token 0 was seen: 4.0 / 3 drops below 1.5
+    logits = torch.full((1, 64), -5.0)
+    logits[0, :8] = torch.tensor([4.0, 3.0, 2.0, 1.5, 0.5, -1.0, -2.0, -3.0])
+    head = SampleHead(min_keep=2)
+    ids = torch.tensor([[0, 0]], dtype=torch.int32)
+    k = lambda n: torch.tensor([n], dtype=torch.int32)  # noqa: E731
+    probs, tokens = head(logits, ids, torch.tensor([3.0]), torch.tensor([1.0]), k(4), torch.tensor([0.01]))
+    assert tokens.dtype == torch.int32 and tokens.shape == (1, 50)
+    assert tokens[0, :4].tolist() == [1, 2, 3, 0]  # token 0 was seen: 4.0 / 3 drops below 1.5
     assert torch.allclose(probs.sum(), torch.tensor(1.0))
     assert (probs[0, :2] > 0.01).all() and (probs[0, 2:] < 1e-6).all()  # top_p tiny: only min_keep survive
-    probs, _ = head(logits, torch.tensor([[7, 7]], dtype=torch.int32), torch.tensor([1.0]), torch.tensor([1.0]),
-                    torch.tensor([1.0]))
-    assert probs[0, 0] > probs[0, 1] > probs[0, 2] > 0  # penalty 1: plain softmax over the top candidates
+    probs, tokens = head(logits, torch.tensor([[7, 7]], dtype=torch.int32), torch.tensor([1.0]),
+                         torch.tensor([1.0]), k(3), torch.tensor([1.0]))
+    assert probs[0, 0] > probs[0, 1] > probs[0, 2] > 0 and (probs[0, 3:] < 1e-6).all()  # only top_k=3 remain
+    probs, tokens = head(logits, ids, torch.tensor([1.0]), torch.tensor([1.0]), k(1), torch.tensor([0.8]))
+    assert tokens[0, 0] == 0 and probs[0, 0] == 1.0  # top_k 1 is greedy
 
 
 def test_large_graphs_keep_weights_in_one_data_file(qwen_patched: Path, onnx_dir: Path, tmp_path: Path):

@@ -58,13 +58,14 @@ def test_verify_and_optimize_a_graph_over_2gb(big: Path):
 
 @pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent")
 def test_compile_a_graph_over_2gb_for_bm1684x(big: Path):
-    from surgery.compile.sophgo import SophgoOptions, compile_sophgo
+    from surgery.compile.base import CompileOptions
+    from surgery.compile.sophgo import ADAPTER as SOPHGO
 
     if not (big / "opt" / "manifest.json").is_file():
         pytest.skip("needs the optimized directory of the test before")
     with PeakWatch() as watch:
-        manifest = compile_sophgo(big / "opt", big / "bm", SophgoOptions(quantize="w4bf16", group_size=64))
-    assert manifest.compiled["routes"]["lm_head"]["route"] == "table"
-    rows = {(r["graph"], r["output"]): r["cosine"] for r in manifest.compiled["parity"]}
+        manifest = SOPHGO.compile(big / "opt", big / "bm", CompileOptions("bm1684x", "w4bf16", 64))
+    assert manifest.compiled.details["routes"]["lm_head"]["route"] == "table"
+    rows = {(r["graph"], r["output"]): r["cosine"] for r in manifest.compiled.parity}
     assert rows[("lm_head", "m_logits")] >= 0.99 and rows[("embedding", "input_states")] >= 0.999
     assert watch.tree_mb < 6000, f"compile peaked at {watch.tree_mb:.0f} MB"

@@ -1,19 +1,16 @@
 """Graph passes: one small module per rewrite (a matcher plus a replacement), its test beside it.
 
-`PASSES` is generated from the modules; `surgery passes` lists it, `pipelines.TARGETS` orders it per
-compiler, `workarounds.WORKAROUNDS` says which pass avoids which known compiler problem.
+Every module of this package is imported and registers its pass (`base.register`), so adding a pass is
+adding a file; `PASSES` is what registered, `surgery passes` lists it, `pipelines.TARGETS` orders it per
+compiler (a test checks every name there exists), `workarounds.WORKAROUNDS` says which pass avoids which
+known compiler problem.
 """
 
-from surgery.passes import (  # noqa: F401  (importing registers each pass)
-    cast_pairs,
-    gqa_grouped,
-    int32_inputs,
-    mask_constant,
-    opset17,
-    rmsnorm,
-    rope_tables,
-    rotate_half,
-    slim,
-    transpose_pairs,
-)
+import importlib
+import pkgutil
+
 from surgery.passes.base import PASSES, GraphPass, ModelPass, run_pass  # noqa: F401
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.endswith("_test") and _module.name != "testing":
+        importlib.import_module(f"{__name__}.{_module.name}")

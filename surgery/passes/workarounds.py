@@ -1,5 +1,6 @@
-"""Known vendor-compiler problems, as data: which compiler and versions, the symptom, and the pass that
-avoids it. Only problems we measured or that the toolchain notes record are listed."""
+"""Known vendor-compiler problems, as data: which compiler and versions, the symptom, and what avoids it (a
+pass of this package, or a choice made at export). Only problems we reproduced are listed; `evidence` names
+the test in this repository that shows each one."""
 
 from __future__ import annotations
 
@@ -12,19 +13,20 @@ class Workaround:
     compiler: str
     versions: str
     symptom: str
-    avoided_by: str  # a pass name
-    source: str
+    avoided_by: str | None  # a pass name (checked by a test), or None when export avoids it
+    evidence: str  # the test in this repository that reproduces or guards it
+    note: str = ""
 
 
 WORKAROUNDS = [
     Workaround("tpu-mlir-opset18-reducemean", "tpu-mlir", "1.30.2 (measured); no fixed version known",
                'model_transform fails: "Unsupport opset for ReduceMean" on opset >= 18 graphs',
-               "opset17", "shared/notes/toolchains.md"),
+               "opset17", "tests/test_compile_sophgo.py::test_workaround_opset18_reducemean_reproduced_and_avoided"),
     Workaround("half-precision-mask-overflow", "any fp16/bf16 backend (TPU-MLIR F16/BF16, MNN fp16)", "all",
                "NaN or garbage tokens: finfo(float32).min mask constants overflow half precision",
-               "mask_constant", "shared/notes/anchors.md (mask constant -10000)"),
+               "mask_constant", "surgery/passes/mask_constant_test.py"),
     Workaround("tpu-mlir-or-constant", "tpu-mlir", "1.30.2 (measured)",
                "model_transform fails: \"operand /Constant_..._output_0 not found\" for an Or with a constant "
-               "operand", "export: penalty_sample_head uses a float min-keep multiplier, not a boolean Or",
-               "measured on the fixture's penalty_sample_head"),
+               "operand", None, "tests/test_compile_sophgo.py::test_bm1684x_compile_on_the_simulator (all graphs)",
+               "export/blocks.py: SampleHead keeps min-keep as a float multiplier, not a boolean Or"),
 ]

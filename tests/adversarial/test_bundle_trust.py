@@ -154,7 +154,7 @@ def test_optimize_a_directory_surgery_did_not_write(cli, bundle: Path):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--chip", "nosuch"], "nosuch"),
-    (["--chip", "mnn", "--quant-bits", "3"], "--quant-bits 3"),
+    (["--chip", "mnn", "-q", "w3"], "-q 'w3' is not a quantization mnn takes"),
     (["--chip", "bm1684x", "-q", "bogus"], "bogus"),
 ])
 def test_compile_bad_options(cli, bundle: Path, tmp_path: Path, args: list[str], needle: str):

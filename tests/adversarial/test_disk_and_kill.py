@@ -90,7 +90,7 @@ def test_kill_9_during_compile_then_rerun(bundle: Path, tmp_path: Path):
     from surgery.runtime import OnnxModel, open_runtime
 
     out = tmp_path / "mnn"
-    command = [SURGERY, "compile", str(bundle), "--chip", "mnn", "--quant-bits", "8", "-o", str(out), "-j", "1"]
+    command = [SURGERY, "compile", str(bundle), "--chip", "mnn", "-q", "w8bf16", "-o", str(out), "-j", "1"]
     kill_midway(command, out, "*.mnn", 3)
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr

@@ -1,4 +1,4 @@
-"""Running vendor commands: each with its own log file, and a failure that says what, where and why."""
+"""Running vendor tools: each call appends to its own log, and a failure says what, where and why."""
 
 from __future__ import annotations
 

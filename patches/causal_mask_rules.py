@@ -1,4 +1,5 @@
-"""Rules that remove a model's built-in causal mask, so only the additive `attention_mask` input masks.
+"""Rules that remove a model's built-in causal mask, so only the additive `attention_mask` input masks
+(a rule library: it defines no pack).
 
 Static-shape NPU graphs take the mask as an input (prefill: causal over the padded length; decode: the
 valid history slots). A mask the model builds itself is at best dead weight (Where/ConstantOfShape/Equal
@@ -12,7 +13,7 @@ import libcst.matchers as m
 
 from surgery.codemod import Rule
 
-from .common import IS_NOT_NONE, contains, prune_dead_assignments, torch_call
+from .common_rules import IS_NOT_NONE, contains, prune_dead_assignments, torch_call
 
 MASK_TEMPORARIES = ("causal_mask", "mask_value", "query_length", "key_length")
 

@@ -1,4 +1,5 @@
-"""Codemods for modeling files that live inside transformers (llama-like families), and a pack factory.
+"""Codemods for modeling files that live inside transformers (llama-like families), and the factory that
+turns them into a pack (a rule library: it defines no pack; `llama.py` and friends call `native_pack`).
 
 A native pack copies the installed `transformers/models/<family>/modeling_<family>.py` into the output
 directory, makes its imports absolute, rewrites it so every decoder layer takes history K/V as inputs and
@@ -8,13 +9,16 @@ directory loads with `trust_remote_code=True` and nothing in site-packages is to
 
 from __future__ import annotations
 
+from functools import partial
+
 import libcst as cst
 import libcst.matchers as m
 
 from surgery.codemod import Patch, Rule
+from surgery.export.arch import ArchSpec, native_block, native_rope
 from surgery.packs import ApplyOptions, Pack
 
-from .common import IS_NOT_NONE, contains
+from .common_rules import IS_NOT_NONE, contains
 
 SELF_ATTN_CALL = m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("self_attn")))
 # transformers <= 5.23 names the cache argument `past_key_values` (4.x attention: `past_key_value`); 5.24
@@ -70,17 +74,28 @@ class EagerAttention(Rule):
 
 
 class EagerAttentionIf(Rule):
-    """transformers 4.4x-4.5x: `if self.config._attn_implementation != "eager": attention_interface = ...`."""
+    """transformers 4.4x-4.5x: `if self.config._attn_implementation != "eager": attention_interface = ...` is
+    removed; the statement after it carries the marker (a `pass` when the branch ended its block)."""
 
     name = "attn_implementation branch (transformers 4.x)"
     anchor = "`if self.config._attn_implementation != \"eager\": ...`"
+    BRANCH = m.If(test=contains(m.Name("_attn_implementation")), body=contains(m.Name("ALL_ATTENTION_FUNCTIONS")))
+    NOTE = "eager attention only (the _attn_implementation branch was removed)"
 
-    def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement | cst.RemovalSentinel:
-        if m.matches(updated, m.If(test=contains(m.Name("_attn_implementation")),
-                                   body=contains(m.Name("ALL_ATTENTION_FUNCTIONS")))):
-            self.hits += 1
-            return cst.RemoveFromParent()
-        return updated
+    def leave_IndentedBlock(self, original: cst.IndentedBlock, updated: cst.IndentedBlock) -> cst.IndentedBlock:
+        if not any(m.matches(s, self.BRANCH) for s in updated.body):
+            return updated
+        body: list[cst.BaseStatement] = []
+        removed = False
+        for stmt in updated.body:
+            if m.matches(stmt, self.BRANCH):
+                removed = True
+                continue
+            body.append(self.mark(stmt, self.NOTE) if removed else stmt)
+            removed = False
+        if removed:
+            body.append(self.mark(cst.SimpleStatementLine([cst.Pass()]), self.NOTE))
+        return updated.with_changes(body=body)
 
 
 class MaskAsGiven(Rule):
@@ -130,8 +145,8 @@ class CacheToPresent(Rule):
         ret = body[-1].body[0]
         out = ret.value.elements[0].value
         body[-1] = self.mark(body[-1].with_changes(body=[ret.with_changes(value=cst.Tuple(
-            [cst.Element(out), cst.Element(cst.Name("present"))], lpar=[], rpar=[]))]), "returns present")
-        self.hits -= 1  # one site: the cache update and its return
+            [cst.Element(out), cst.Element(cst.Name("present"))], lpar=[], rpar=[]))]), "returns present",
+            same_site=True)  # one site: the cache update and its return
         return updated.with_changes(body=updated.body.with_changes(body=body[:at] + new + body[at + 1:]))
 
 
@@ -182,27 +197,41 @@ class ModelUnpacksLayer(Rule):
         return self.mark(updated.with_changes(body=[new]), "layers return (hidden, present); no cache object")
 
 
+# transformers' own decoders all keep their pieces in the same places (see `surgery.export.arch`)
+NATIVE_SPEC = ArchSpec(
+    embedding="model.embed_tokens",
+    layers="model.layers",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    rope_tables=native_rope,
+    call_block=native_block,
+    num_kv_heads=lambda c: c.num_key_value_heads,
+    head_dim=lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+)
+
+
 def native_patches(family: str) -> list[Patch]:
     package = f"transformers.models.{family}"
     return [
         Patch("absolute-imports", "make the copied file's relative imports absolute",
-              [AbsoluteImports(package)]),
+              [partial(AbsoluteImports, package)]),
         Patch("eager-attention", "always the eager attention function (no SDPA/flash dispatch)",
-              [EagerAttention(), EagerAttentionIf()]),
+              [EagerAttention, EagerAttentionIf]),
         Patch("mask-as-given", "use the attention_mask input as given: no mask building",
-              [MaskAsGiven()]),
+              [MaskAsGiven]),
         Patch("cache-to-present", "attention takes history K/V (BSHD) and returns this step's K/V",
-              [CacheToPresent()]),
+              [CacheToPresent]),
         Patch("layer-returns-present", "decoder layers return (hidden_states, present)",
-              [LayerReturnsPresent()]),
+              [LayerReturnsPresent]),
         Patch("model-unpacks-layer", "the model forward unpacks layer outputs and passes no cache",
-              [ModelUnpacksLayer()]),
+              [ModelUnpacksLayer]),
     ]
 
 
 def native_pack(name: str, family: str, model_types: tuple[str, ...], architecture: str, summary: str,
-                checked_with: str = ">=5.20,<6") -> Pack:
-    """A pack for a family whose modeling code ships inside transformers."""
+                checked_with: str = ">=5.20,<6", export_spec: ArchSpec = NATIVE_SPEC) -> Pack:
+    """A pack for a family whose modeling code ships inside transformers (exported with NATIVE_SPEC
+    unless the family keeps its pieces elsewhere)."""
     filename = f"modeling_{family}.py"
 
     def config_edits(opts: ApplyOptions) -> dict[str, object]:
@@ -214,4 +243,4 @@ def native_pack(name: str, family: str, model_types: tuple[str, ...], architectu
 
     return Pack(name=name, version="1.0.0", summary=summary, model_types=model_types, architectures=(architecture,),
                 files={filename: native_patches(family)}, config_edits=config_edits, checked_with=checked_with,
-                sources={filename: f"models/{family}/{filename}"})
+                sources={filename: f"models/{family}/{filename}"}, export_spec=export_spec)

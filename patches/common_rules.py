@@ -1,4 +1,6 @@
-"""Rules many packs share. Each is a small libcst transformer with its anchor spelled as matchers."""
+"""Rules many packs share (a rule library: it defines no pack). Each is a small libcst transformer with
+its anchor spelled as matchers; packs list them as factories, e.g. `partial(ForceModuleConstant, "X", "0")`.
+"""
 
 from __future__ import annotations
 
@@ -50,19 +52,19 @@ class KeepElseOfFlagBranch(Rule):
     def __init__(self, flag: str) -> None:
         super().__init__()
         self.flag = flag
-        self._elifs: set[int] = set()
+        self._elifs: set[cst.If] = set()  # the nodes themselves (identity-hashed, kept alive): no reused ids
         self.name = "flag-branch"
         self.anchor = f"an `if ... {flag} ...: ... else: ...` statement"
 
     def visit_If(self, node: cst.If) -> None:
         if isinstance(node.orelse, cst.If):
-            self._elifs.add(id(node.orelse))
+            self._elifs.add(node.orelse)
 
     def _is_flag_branch(self, node: cst.CSTNode) -> bool:
         return m.matches(node, m.If(test=contains(m.Name(self.flag)), orelse=m.Else()))
 
     def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement | cst.FlattenSentinel:
-        if id(original) in self._elifs:  # an `elif`: its parent splices it out below
+        if original in self._elifs:  # an `elif`: its parent splices it out below
             return updated
         if self._is_flag_branch(updated.orelse):  # `if A: X elif FLAG: Y else: Z` -> `if A: X else: Z`
             return self.mark(updated.with_changes(orelse=updated.orelse.orelse), f"`{self.flag}` branch removed")
@@ -185,7 +187,7 @@ class CallFirstInMethod(Rule):
         self.helper = cst.parse_module(helper_source).body
         self.name = "call-first"
         self.anchor = f"a method `{cls}.{method}`"
-        self._inserted = False
+        self._inserted = False  # this run added the call, so the module end gets the helper
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
         if updated.name.value != self.cls:
@@ -204,10 +206,8 @@ class CallFirstInMethod(Rule):
     def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
         if not self._inserted:
             return updated
-        self._inserted = False
-        helper = [self.mark(self.helper[0].with_changes(
-            leading_lines=[cst.EmptyLine(), cst.EmptyLine()]), self.note), *self.helper[1:]]
-        self.hits -= 1  # the helper belongs to the same site as the call
+        helper = [self.mark(self.helper[0].with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()]),
+                            self.note, same_site=True), *self.helper[1:]]  # the helper belongs to the call's site
         return updated.with_changes(body=[*updated.body, *helper])
 
 

@@ -1,0 +1,162 @@
+"""Commands about patch packs: apply, list, fixture, port."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from surgery.cli.common import Dtype, Force, Json, app, emit_json, ids, out
+from surgery.codemod import Outcome
+from surgery.errors import SurgeryError
+
+OUTCOME_STYLE = {Outcome.APPLIED: "green", Outcome.ALREADY_APPLIED: "cyan",
+                 Outcome.NOT_APPLICABLE: "yellow", Outcome.ANCHOR_NOT_FOUND: "red"}
+
+
+@app.command("apply")
+def apply_cmd(
+    pack: Annotated[str, typer.Argument(help="Pack name (see `surgery list`), or auto (from model_type).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Hugging Face model directory.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o",
+                                                 help="Output directory [default: MODEL-surgery].")] = None,
+    seq_length: Annotated[int | None, typer.Option("--seq-length", "-s", min=1,
+                                                   help="Static sequence length written to the config.")] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="Precision flag written to the config.")] = None,
+    only: Annotated[str, typer.Option(help="Comma-separated patch ids to run (default: all).")] = "",
+    skip: Annotated[str, typer.Option(help="Comma-separated patch ids not to run.")] = "",
+    load_only: Annotated[bool, typer.Option("--load-only", help="Only the patches that make the unchanged "
+                                            "model load on the installed transformers.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unified diff; write nothing.")] = False,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Rewrite a model's modeling code with a patch pack (libcst; the model's code is never run).
+
+    Example: surgery apply qwen --model ./Qwen-7B-Chat --seq-length 512
+    """
+    from surgery.apply import default_out, plan_apply, read_config, write_plan
+    from surgery.packs import ApplyOptions, resolve_pack
+
+    chosen = resolve_pack(pack, read_config(model)[0] if pack == "auto" else {})
+    options = ApplyOptions(seq_length=seq_length, dtype=dtype.value if dtype else None,
+                           only=chosen.load_only if load_only else ids(only), skip=ids(skip))
+    plan = plan_apply(chosen, model, options)
+    target = out_dir or default_out(model)
+    summary = {"pack": chosen.name, "model": str(model), "out": None, "changed": plan.changed,
+               "patches": [r.as_dict() for r in plan.results]}
+    if dry_run:
+        if as_json:
+            emit_json(summary | {"diff": plan.diff()})
+        else:
+            sys.stdout.write(plan.diff() or "# nothing to change: every patch is already applied\n")
+        return
+    if plan.changed:
+        write_plan(plan, target, force=force)
+        summary["out"] = str(target)
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table(title=f"pack {chosen.name} on {model}")
+    for col in ("patch", "file", "outcome", "rule / reason"):
+        table.add_column(col)
+    for r in plan.results:
+        table.add_row(r.patch, r.file, f"[{OUTCOME_STYLE[r.outcome]}]{r.outcome}[/]", r.rule or r.detail)
+    out.print(table)
+    if plan.changed:
+        out.print(f"wrote [bold]{target}[/] (record: {target / 'surgery.json'})")
+    else:
+        out.print("nothing to change: every patch is already applied and the config matches; nothing written")
+
+
+def _rule_names(patch) -> list[str]:
+    return [getattr(r, "name", None) or getattr(getattr(r, "func", None), "name", None) or repr(r)
+            for r in patch.rules]
+
+
+@app.command("list")
+def list_cmd(as_json: Json = False) -> None:
+    """List patch packs, their patches, and what each patch is for.
+
+    Example: surgery list --json
+    """
+    from surgery.packs import all_packs
+
+    packs = all_packs()
+    if as_json:
+        emit_json([{"name": p.name, "version": p.version, "summary": p.summary, "model_types": list(p.model_types),
+                    "checked_with": p.checked_with,
+                    "patches": [{"file": f, "id": x.id, "summary": x.summary, "required": x.required,
+                                 "rules": _rule_names(x)} for f, ps in p.files.items() for x in ps]}
+                   for p in packs.values()])
+        return
+    for p in packs.values():
+        table = Table(title=f"{p.name} {p.version}: {p.summary}  (model_type {', '.join(p.model_types)}; "
+                            f"transformers {p.checked_with})", title_justify="left")
+        for col in ("patch", "file", "required", "rules", "what it is for"):
+            table.add_column(col)
+        for f, patches in p.files.items():
+            for x in patches:
+                table.add_row(x.id, f, "yes" if x.required else "no", ", ".join(_rule_names(x)), x.summary)
+        out.print(table)
+
+
+@app.command("fixture")
+def fixture_cmd(
+    kind: Annotated[str, typer.Argument(help="Family: qwen (remote code), llama, qwen2, qwen3, mistral, phi3.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    revision: Annotated[str, typer.Option(help="qwen only: upstream revision style to imitate (2023-11, "
+                                               "2023-12).")] = "2023-11",
+    seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Build a tiny random-weight model directory (no hub, seconds) to try the pipeline on.
+
+    Example: surgery fixture qwen --out ./tiny-qwen --revision 2023-12
+    """
+    from surgery.fixtures.native import FAMILIES, build_native
+    from surgery.fixtures.qwen_v1 import REVISIONS, build
+    from surgery.fsutil import staged_directory
+    from surgery.outputs import claim, write_record
+
+    if kind != "qwen" and kind not in FAMILIES:
+        raise SurgeryError(f"no fixture named {kind!r}; available: qwen, {', '.join(FAMILIES)}")
+    if revision not in REVISIONS:
+        raise SurgeryError(f"--revision {revision!r}: choose one of {', '.join(REVISIONS)}")
+    claim(out_dir, "fixture", {}, create=False)  # never over a directory surgery did not write
+    with staged_directory(out_dir) as stage:
+        if kind == "qwen":
+            build(stage, revision=revision, seed=seed)
+        else:
+            build_native(kind, stage, seed=seed)
+        write_record(stage, "fixture", {})
+    if as_json:
+        emit_json({"fixture": kind, "path": str(out_dir)})
+    else:
+        out.print(f"wrote tiny {kind} to [bold]{out_dir}[/]")
+
+
+@app.command("port")
+def port_cmd(
+    name: Annotated[str, typer.Argument(help="The new architecture's model_type, e.g. olmo2.")],
+    like: Annotated[str, typer.Option(help="The pack it resembles (see `surgery list`).")],
+    dest: Annotated[Path, typer.Option(help="Project root to write patches/ and tests/ into.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a scaffold `surgery port` wrote.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Scaffold a pack and its conformance test for a new architecture.
+
+    Example: surgery port olmo2 --like llama
+    """
+    from surgery.port import scaffold
+
+    written = scaffold(name, like, dest, force)
+    if as_json:
+        emit_json({"files": [str(p) for p in written]})
+        return
+    for path in written:
+        out.print(f"wrote {path}")
+    out.print(f"next: pytest tests/test_pack_{name}.py  (docs/porting.md explains a failed anchor)")
