@@ -10,10 +10,12 @@ at their shared table file (export/tables.py), so no table is ever in memory who
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -174,6 +176,41 @@ def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     return specs
 
 
+@contextlib.contextmanager
+def _staged(path: Path, keep: set[str] = frozenset()) -> Iterator[tuple[Path, Path]]:
+    """A staging directory beside `path`; the caller writes `stage/<graph>` and, if any, `stage/<data>`. On
+    success the data file is moved into place before the graph (a stale data file of ours is removed, one
+    named in `keep` stays); the staging directory always goes."""
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{path.stem}-", dir=path.parent))
+    data = data_file(path)
+    try:
+        yield stage / path.name, stage / data.name
+        if (stage / data.name).exists():
+            os.replace(stage / data.name, data)
+        elif data.exists() and data.name not in keep:
+            data.unlink()  # a previous export's data; a table file of this name stays
+        os.replace(stage / path.name, path)
+        path.with_name(f"{path.stem}.original.onnx").unlink(missing_ok=True)  # optimize's copy of the old graph
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _trace(module: torch.nn.Module, args: tuple, tmp: Path, names: list[str], outputs: list[str], opset: int,
+           dynamo: bool) -> onnx.ModelProto:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(module, args, str(tmp), input_names=names, output_names=outputs, opset_version=opset,
+                              dynamo=True, optimize=True, verbose=False)
+        else:
+            torch.onnx.export(module, args, str(tmp), input_names=names, output_names=outputs, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+    model = onnx.load(str(tmp))
+    for extra in tmp.parent.iterdir():  # what the exporter wrote beside the graph is now in `model`
+        extra.unlink()
+    return model
+
+
 def export_job(job: Job, path: Path, opset: int, tables: dict[str, Table], external_above: int,
                exporter: str = "torchscript") -> list[TensorSpec]:
     """Export one wrapper to `path` atomically (its data file first); return its output specs."""
@@ -182,60 +219,28 @@ def export_job(job: Job, path: Path, opset: int, tables: dict[str, Table], exter
     params: dict[str, torch.Tensor] = dict(unique_parameters(job.module))
     traced = {name: standin(tables[name], p.dtype) if name in tables else p for name, p in params.items()}
     own_bytes = sum(p.numel() * p.element_size() for name, p in params.items() if name not in tables)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{path.stem}-", dir=path.parent))
-    data = data_file(path)
-    try:
-        tmp = stage / path.name
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(ParamsAsInputs(job.module, list(params)), (*job.inputs.values(), *traced.values()),
-                              str(tmp), input_names=[*job.inputs, *params], output_names=job.outputs,
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
-        model = onnx.load(str(tmp))
-        external = own_bytes > external_above
-        if external and tables:
-            raise SurgeryError(f"{job.name}: a graph reading a vocabulary table keeps its other weights inline; "
-                               f"this one has {own_bytes} bytes of them")
-        _attach_weights(model, params, tables, stage / data.name if external else None)
+    external = own_bytes > external_above
+    if external and tables:
+        raise SurgeryError(f"{job.name}: a graph reading a vocabulary table keeps its other weights inline; "
+                           f"this one has {own_bytes} bytes of them")
+    with _staged(path, keep={t.file for t in tables.values()}) as (tmp, data):
+        model = _trace(ParamsAsInputs(job.module, list(params)), (*job.inputs.values(), *traced.values()), tmp,
+                       [*job.inputs, *params], job.outputs, opset, dynamo=False)
+        _attach_weights(model, params, tables, data if external else None)
         if tables:
             _infer_outputs(model)
-        for name in [p.name for p in stage.iterdir() if p.name != data.name]:
-            (stage / name).unlink()
         save_graph(model, tmp)
-        if external:
-            os.replace(stage / data.name, data)
-        elif data.exists() and data.name not in {t.file for t in tables.values()}:
-            data.unlink()  # a previous export's data; a table file of this name stays
-        os.replace(tmp, path)
-        path.with_name(f"{path.stem}.original.onnx").unlink(missing_ok=True)  # optimize's copy of the old graph
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return output_specs(model)
 
 
 def _export_dynamo(job: Job, path: Path, opset: int, external_above: int) -> list[TensorSpec]:
     """torch.export-based exporter: weights embedded by the exporter, moved to a data file when large."""
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{path.stem}-", dir=path.parent))
-    data = data_file(path)
-    try:
-        tmp = stage / path.name
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(job.module, tuple(job.inputs.values()), str(tmp), input_names=list(job.inputs),
-                              output_names=job.outputs, opset_version=opset, dynamo=True, optimize=True,
-                              verbose=False)
-        model = onnx.load(str(tmp))
-        for extra in stage.iterdir():
-            extra.unlink()
+    with _staged(path) as (tmp, data):
+        model = _trace(job.module, tuple(job.inputs.values()), tmp, list(job.inputs), job.outputs, opset,
+                       dynamo=True)
         if sum(f.ByteSize() for f in model.graph.initializer) > external_above:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
-            os.replace(stage / data.name, data)
         else:
             save_graph(model, tmp)
-            if data.exists():
-                data.unlink()
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return output_specs(model)
