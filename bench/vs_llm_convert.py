@@ -90,7 +90,7 @@ def main() -> None:
     theirs = root / "llm_convert"
     shutil.rmtree(theirs, ignore_errors=True)
     (root / "llm_convert_work").mkdir(exist_ok=True)
-    measured = run("llm_convert", ["llm_convert", "-m", str(model), *flags, "-o", str(theirs)],
+    measured = run("llm_convert", ["llm_convert", "-m", str(model), *flags, "--do_sample", "-o", str(theirs)],
                    root / "llm_convert.log", cwd=root / "llm_convert_work", env=bin_env("sophgo"))
     results["llm_convert"] = measured, next(theirs.glob("*.bmodel"))
     print(f"\n{args.shape} x {args.layers} layers (bf16 checkpoint), {args.quantize} g{args.group}, "

@@ -79,6 +79,9 @@ class Adapter:
 
             python_of(self.toolchain)
 
+    def prewarm(self, options: CompileOptions) -> None:
+        """Start what `compile` will need (compiler processes) while earlier stages run; default: nothing."""
+
     def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor: object = None) -> Manifest:
         """Compile `onnx_dir` into `out`; `executor` spreads graph builds elsewhere (compile/executors.py),
         for adapters that can."""

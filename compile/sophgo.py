@@ -50,6 +50,11 @@ class SophgoAdapter(Adapter):
         # its table nets are built in the chip's float type: export bf16 tables once rather than fp32
         return "bf16" if float_mode(options.quantize) == "BF16" else None
 
+    def prewarm(self, options: CompileOptions) -> None:
+        from surgery.compile.tpumlir import prewarm
+
+        prewarm(options.jobs)
+
     def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor=None) -> Manifest:
         from surgery.compile.executors import LocalExecutor
 

@@ -60,6 +60,24 @@ class TpuMlirWorker:
                 self.proc.kill()
 
 
+_WARM: queue.Queue[TpuMlirWorker] = queue.Queue()
+
+
+def prewarm(count: int) -> None:
+    """Start `count` workers in the background now (each spends ~8 s importing the compiler), so a compile
+    that comes later (after export and optimize, in `convert`) finds them ready."""
+    import threading
+
+    def start() -> None:
+        try:
+            _WARM.put(TpuMlirWorker())
+        except SurgeryError:
+            pass  # the compile will start its own and report the problem there
+
+    for _ in range(count):
+        threading.Thread(target=start, daemon=True).start()
+
+
 class WorkerPool:
     """`jobs` workers started on first use; `map` runs a function over items, each call with a free worker."""
 
@@ -73,7 +91,10 @@ class WorkerPool:
             return self.free.get_nowait()
         except queue.Empty:
             if len(self.started) < self.jobs:
-                worker = TpuMlirWorker()
+                try:
+                    worker = _WARM.get_nowait()  # one `prewarm` started
+                except queue.Empty:
+                    worker = TpuMlirWorker()
                 self.started.append(worker)
                 return worker
             return self.free.get()

@@ -40,6 +40,7 @@ def member(directory: Path, name: object, what: str) -> Path:
 def check_files(directory: Path, manifest) -> None:
     """Every file the manifest names: inside the bundle, present, graphs (and small weights) as recorded."""
     local = manifest.backend in ("onnxruntime", "mnn", "bmodel")  # an Axera kit's graphs live in its build dir
+    hashed: dict[Path, str] = {}  # a combined bmodel holds every graph: hash each file once
     for g in manifest.graphs:
         path = member(directory, g.file, f"graph {g.name}")
         data = member(directory, g.data_file, f"the weights of graph {g.name}") if g.data_file else None
@@ -47,7 +48,9 @@ def check_files(directory: Path, manifest) -> None:
             continue
         if not path.is_file():
             raise SurgeryError(f"graph {g.name}: {g.file} is missing from {directory}; re-run the stage that wrote it")
-        if sha256_file(path) != g.sha256:
+        if path not in hashed:
+            hashed[path] = sha256_file(path)
+        if hashed[path] != g.sha256:
             raise SurgeryError(f"graph {g.name}: {g.file} does not match the manifest (sha256); it was changed or "
                                "replaced after it was written: re-run the stage that wrote it")
         if data is not None:

@@ -16,7 +16,7 @@ from surgery.apply import plan_apply, read_config, write_plan
 from surgery.compile.base import CompileOptions
 from surgery.compile.registry import adapter_for
 from surgery.errors import SurgeryError
-from surgery.fsutil import atomic_write_json, link_tree, sha256_text
+from surgery.fsutil import atomic_write_json, link_or_copy, link_tree, sha256_text
 from surgery.manifest import Manifest
 from surgery.outputs import Output, claim
 from surgery.packs import ApplyOptions, check_seq_length, resolve_pack
@@ -107,6 +107,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check}),
         Stage("compile", do_compile, opts),
     ]
+    if o.executor == "local":
+        adapter.prewarm(o.compile_options())  # compiler workers start while export and optimize run
     run = run_stages(stages, stages_dir, out / STATE, opts, progress)
     bundle(out, o, pack.name, owned)
     from surgery.report import write_report
@@ -125,7 +127,8 @@ def bundle(out: Path, o: ConvertOptions, pack: str, owned: Output) -> None:
     extra = [*manifest.tokenizer_files, *([manifest.embedding_file["file"]] if manifest.embedding_file else [])]
     owned.add(*files, *extra, *(f"{d}/" for d in folders))
     for name in dict.fromkeys([*files, *extra]):
-        shutil.copyfile(compiled_dir / name, out / name)
+        (out / name).unlink(missing_ok=True)
+        link_or_copy(compiled_dir / name, out / name)  # a 7B bmodel is GBs: a link, not a copy
     for name in folders:
         shutil.copytree(compiled_dir / name, out / name, dirs_exist_ok=True)
     manifest.write(out)
