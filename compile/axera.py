@@ -61,11 +61,21 @@ def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str],
     graph = gs.import_onnx(model)
 
     def boundary(tensor: gs.Variable, new_shape: list[int], is_input: bool) -> gs.Variable:
-        outer = gs.Variable(rename.get(tensor.name, tensor.name), dtype=tensor.dtype, shape=new_shape)
+        name = rename.get(tensor.name, tensor.name)
+        # the runtime feeds positions as uint32 (ax-llm: `indices`); our graphs gather with int32
+        dtype = np.uint32 if name == "indices" else tensor.dtype
+        outer = gs.Variable(name, dtype=dtype, shape=new_shape)
         tensor.name = f"{tensor.name}_contract"
         old_shape = np.array(tensor.shape, np.int64)
         src, dst = (outer, tensor) if is_input else (tensor, outer)
         target = old_shape if is_input else np.array(new_shape, np.int64)
+        if dtype is np.uint32:
+            reshaped = gs.Variable(f"{name}_reshaped", dtype=np.uint32, shape=list(tensor.shape))
+            graph.nodes.append(gs.Node("Reshape", f"{name}_layout", inputs=[src, gs.Constant(f"{name}_shape", target)],
+                                       outputs=[reshaped]))
+            graph.nodes.append(gs.Node("Cast", f"{name}_int32", attrs={"to": onnx.TensorProto.INT32},
+                                       inputs=[reshaped], outputs=[dst]))
+            return outer
         graph.nodes.append(gs.Node("Reshape", f"{outer.name}_layout", inputs=[
             src, gs.Constant(f"{outer.name}_shape", target)], outputs=[dst]))
         return outer
@@ -139,6 +149,39 @@ def write_calibration(path: Path, samples: list[np.ndarray]) -> None:
     tmp.replace(path)
 
 
+# ax-llm's sampling settings file (src/post_config.json in AXERA-TECH/ax-llm); greedy unless edited
+POST_CONFIG = {"enable_temperature": False, "temperature": 0.9, "enable_repetition_penalty": False,
+               "repetition_penalty": 1.2, "penalty_window": 20, "enable_top_p_sampling": False, "top_p": 0.8,
+               "enable_top_k_sampling": False, "top_k": 10}
+
+
+def kit_name(manifest: Manifest, graph: GraphSpec) -> str:
+    """ax-llm names a layer's model `<type>_p<prefill>_l<i>_together.axmodel` and the head `<type>_post`; the
+    kit keeps the runtime's stem and says which half of the layer each graph is."""
+    if graph.kind == "lm_head":
+        return f"{manifest.model_type}_post"
+    half = "prefill" if graph.kind == "block" else "decode"
+    return f"{manifest.model_type}_p{manifest.seq_length}_l{graph.layer}_{half}"
+
+
+def runtime_config(manifest: Manifest, embedding: str) -> dict:
+    """The `config.json` ax-llm's runner reads beside the models (LLMAttrType keys)."""
+    return {
+        # one file per layer holding its decode and prefill IO groups: what `pulsar2 llm_build` writes; the
+        # kit builds each half on its own (docs/axera.md says what is left to merge them)
+        "template_filename_axmodel": f"axmodel/{manifest.model_type}_p{manifest.seq_length}_l%d_together.axmodel",
+        "axmodel_num": manifest.num_layers,
+        "filename_post_axmodel": f"axmodel/{manifest.model_type}_post.axmodel",
+        "filename_tokens_embed": embedding,
+        "tokens_embed_num": manifest.vocab_size,
+        "tokens_embed_size": manifest.hidden_size,
+        "use_mmap_load_embed": True,
+        "tokenizer_type": "http",
+        "url_tokenizer_model": "http://127.0.0.1:12345",  # `surgery tokenizer serve <bundle> --port 12345`
+        "post_config_path": "post_config.json",
+    }
+
+
 def build_config(name: str, graph: GraphSpec, options: AxeraOptions, calib: dict[str, str], samples: int) -> dict:
     hardware, npu_mode = CHIPS[options.chip]
     return {
@@ -182,10 +225,9 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
         (out / sub).mkdir(parents=True, exist_ok=True)
     seen = capture(onnx_dir, options)
     kv_width = manifest.num_kv_heads * manifest.head_dim
-    names = {"lm_head": f"{manifest.model_type}_post"}
     commands, graphs = [], []
     for graph in (g for g in manifest.graphs if g.kind in KINDS):
-        name = names.get(graph.name, f"{manifest.model_type}_{graph.name}")
+        name = kit_name(manifest, graph)
         rename = POST_IO if graph.kind == "lm_head" else BLOCK_IO
         model = kit_graph(onnx_dir, graph, out / "onnx" / f"{name}.onnx", kv_width, rename)
         calib = {}
@@ -193,8 +235,8 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
             axera_name = rename.get(t.name, t.name)
             shape = [d.dim_value for d in next(i for i in model.graph.input if i.name == axera_name)
                      .type.tensor_type.shape.dim]
-            samples = [feeds[t.name].reshape(shape).astype(np.float32 if t.dtype.startswith("float") else t.dtype)
-                       for feeds in seen[graph.name]]
+            dtype = np.float32 if t.dtype.startswith("float") else np.uint32 if axera_name == "indices" else t.dtype
+            samples = [feeds[t.name].reshape(shape).astype(dtype) for feeds in seen[graph.name]]
             path = f"calib/{name}.{axera_name}.tar"
             write_calibration(out / path, samples)
             calib[axera_name] = path
@@ -217,10 +259,13 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
     (out / "build.sh").chmod(0o755)
     for file in manifest.tokenizer_files:
         shutil.copyfile(onnx_dir / file, out / file)
+    owned.add("config.json", "post_config.json")
+    atomic_write_json(out / "config.json", runtime_config(manifest, embedding.name))
+    atomic_write_json(out / "post_config.json", POST_CONFIG)
     kit = replace(manifest, backend="axmodel")
     kit.compiled = Compiled(
         adapter="axera", chip=options.chip, options=vars(options), toolchain={}, check="none",
-        files=["build.sh", "onnx/", "configs/", "calib/", embedding.name],
+        files=["build.sh", "config.json", "post_config.json", "onnx/", "configs/", "calib/", embedding.name],
         details={"target_hardware": CHIPS[options.chip][0], "npu_mode": CHIPS[options.chip][1], "graphs": graphs,
                  "embedding": {"file": embedding.name, "dtype": "bfloat16", "rounding": "nearest-even",
                                "shape": [manifest.vocab_size, manifest.hidden_size]},

@@ -66,12 +66,13 @@ def test_renamed_graphs_compute_the_same(onnx_dir: Path, tmp_path: Path):
     AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax650"))
     manifest = Manifest.read(onnx_dir)
     for graph in (manifest.graph("block_cache_1"), manifest.graph("block_0"), manifest.graph("lm_head")):
-        name = "qwen2_post" if graph.name == "lm_head" else f"qwen2_{graph.name}"
+        name = "qwen2_post" if graph.name == "lm_head" else \
+            f"qwen2_p32_l{graph.layer}_{'prefill' if graph.kind == 'block' else 'decode'}"
         renamed = onnx.load(str(tmp_path / "kit" / "onnx" / f"{name}.onnx"))
         feeds = random_inputs(graph, manifest.vocab_size)
         want = ort.InferenceSession(str(onnx_dir / graph.file)).run(None, feeds)
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in renamed.graph.input}
-        axera_feeds = {new: feeds[old].reshape(shapes[new])
+        axera_feeds = {new: feeds[old].reshape(shapes[new]).astype(np.uint32 if new == "indices" else feeds[old].dtype)
                        for old, new in zip([t.name for t in graph.inputs], shapes, strict=True)}
         got = ort.InferenceSession(renamed.SerializeToString()).run(None, axera_feeds)
         for g, w in zip(got, want, strict=True):
@@ -85,7 +86,7 @@ def test_pulsar2_on_path_builds_every_graph(onnx_dir: Path, tmp_path: Path, monk
     assert kit.compiled.details["built"] is True
     calls = (tmp_path / "kit" / "build" / "calls.txt").read_text().splitlines()
     assert len(calls) == 5 and all("--target_hardware AX620E" in c for c in calls)
-    config = json.loads((tmp_path / "kit" / "configs" / "qwen2_block_0.json").read_text())
+    config = json.loads((tmp_path / "kit" / "configs" / "qwen2_p32_l0_prefill.json").read_text())
     assert config["npu_mode"] == "NPU2" and config["quant"]["input_configs"][0]["calibration_format"] == "Numpy"
 
 
@@ -94,7 +95,7 @@ def test_fake_pulsar2_rejects_a_bad_config(onnx_dir: Path, tmp_path: Path, monke
     """The stand-in really validates: a config with an unknown npu mode fails the build with the log."""
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax650"))
-    config_path = tmp_path / "kit" / "configs" / "qwen2_block_0.json"
+    config_path = tmp_path / "kit" / "configs" / "qwen2_p32_l0_prefill.json"
     config = json.loads(config_path.read_text())
     config["npu_mode"] = "NPU9"
     config_path.write_text(json.dumps(config))
