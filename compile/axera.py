@@ -219,7 +219,7 @@ class AxeraAdapter(Adapter):
 
 
 def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, options: AxeraOptions) -> Manifest:
-    owned.add("onnx/", "calib/", "configs/", "build/", "logs/", "build.sh",
+    owned.add("onnx/", "calib/", "configs/", "build/", "axmodel/", "logs/", "build.sh",
               f"{manifest.model_type}.embed_tokens.bf16.bin")
     for sub in ("onnx", "calib", "configs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,8 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
         write_bf16_rows(table_of(onnx_dir / "embedding.onnx"), embedding)
     script = "#!/usr/bin/env bash\n# Pulsar2 builds for every graph (written by `surgery compile --chip " \
              f"{options.chip}`).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + \
-             "".join(shlex.join(c) + "\n" for c in commands)
+             "".join(shlex.join(c) + "\n" for c in commands) + \
+             "# where config.json looks for them\nmkdir -p axmodel\ncp build/*/*.axmodel axmodel/\n"
     atomic_write_text(out / "build.sh", script)
     (out / "build.sh").chmod(0o755)
     for file in manifest.tokenizer_files:
@@ -272,8 +273,11 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
                  "io": {"blocks": BLOCK_IO, "post": POST_IO}, "build_script": "build.sh", "built": False})
     if shutil.which("pulsar2"):
         for command, graph in zip(commands, graphs, strict=True):
+            built = out / f"build/{graph['name']}/{graph['name']}.axmodel"
             run_logged(command, out / "logs" / f"{graph['name']}.log", f"pulsar2 build of graph {graph['graph']}",
-                       cwd=out, expect=out / f"build/{graph['name']}/{graph['name']}.axmodel")
+                       cwd=out, expect=built)
+            (out / "axmodel").mkdir(exist_ok=True)
+            shutil.copyfile(built, out / "axmodel" / built.name)
         kit.compiled.details["built"] = True
     kit.write(out)
     return kit

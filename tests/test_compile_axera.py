@@ -109,3 +109,18 @@ def test_refuses_opset23_graphs(onnx_dir: Path, tmp_path: Path):
     generic = generic_copy(onnx_dir, tmp_path / "generic")
     with pytest.raises(SurgeryError, match="--target ax650"):
         AXERA.compile(generic, tmp_path / "kit", CompileOptions("ax650"))
+
+
+def test_build_script_puts_models_where_the_runtime_config_looks(onnx_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, fake_pulsar2: Path):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    AXERA.compile(onnx_dir, tmp_path / "kit", CompileOptions("ax650"))
+    kit = tmp_path / "kit"
+    env = {**os.environ, "PATH": f"{fake_pulsar2}{os.pathsep}/usr/bin:/bin"}
+    subprocess.run(["./build.sh"], cwd=kit, env=env, check=True, capture_output=True)
+    config = json.loads((kit / "config.json").read_text())
+    assert (kit / config["filename_post_axmodel"]).is_file()
+    for layer in range(config["axmodel_num"]):
+        stem = config["template_filename_axmodel"].replace("%d", str(layer)).removesuffix("_together.axmodel")
+        # the halves sit beside the name the runtime loads; joining them is the open step (docs/axera.md)
+        assert all((kit / f"{stem}_{half}.axmodel").is_file() for half in ("prefill", "decode"))
