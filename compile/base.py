@@ -34,6 +34,7 @@ class CompileOptions:
     num_device: int = 1
     jobs: int = 2
     check: str = "sample"  # none | sample | all (surgery/checks.py)
+    layout: str = "runtime"  # the vendor runtime's file layout; an adapter may offer others (mnn: graphs)
 
 
 class Adapter:
@@ -48,6 +49,7 @@ class Adapter:
     runtime: str | None = None  # "module:Class" of the Runtime that runs its output on this machine
     loaded_by: str = ""  # which vendor runtime loads the output on the board (README, report)
     quantizations: tuple[str, ...] = QUANTIZATIONS
+    layouts: tuple[str, ...] = ("runtime",)  # output layouts it writes; the first is the default
     max_opset = 17
 
     def target(self, chip: str) -> str:
@@ -68,6 +70,8 @@ class Adapter:
             raise SurgeryError(f"-g {options.group_size} must be a power of two (32, 64, 128, ...)")
         if options.check not in LEVELS:
             raise SurgeryError(f"--check {options.check!r}: choose one of {', '.join(LEVELS)}")
+        if options.layout not in self.layouts:
+            raise SurgeryError(f"--layout {options.layout!r}: {self.name} writes {', '.join(self.layouts)}")
         if options.jobs < 1 or options.num_core < 1 or options.num_device < 1:
             raise SurgeryError("--jobs, --num-core and --num-device must be at least 1")
 

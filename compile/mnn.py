@@ -1,6 +1,9 @@
-"""MNN adapter: every graph of an export directory -> `.mnn` with MNNConvert (weight quantization for the
-blocks and the head), the chosen graphs checked against onnxruntime on the same inputs (mnn_runtime.py runs
-them).
+"""MNN adapter. By default the layout MNN's own LLM engine loads (`MNN.llm.create(config.json)`): one
+`llm.mnn` graph with the KV cache inside MNN's Attention ops, its configs, embedding and tokenizer files,
+built from the export's patched model (compile/mnn_llm.py; docs/mnn-llm.md), its logits checked against the
+exported graphs on onnxruntime. With `--layout graphs`: every graph of the export -> its own `.mnn`, each
+checked against onnxruntime on the same inputs (mnn_runtime.py runs them with our generation loop).
+Weight quantization (4/8-bit, per block) is MNNConvert's in both.
 
 The converter lives in the `mnn` toolchain environment and runs as a subprocess (`mnn_worker.py`); nothing
 here imports MNN, so MNN's telemetry, which pip-installs a package when its Python tools are imported,
@@ -14,20 +17,27 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from surgery.checks import DELTA, check_graph, sampled
 from surgery.compile.base import QUANTIZATIONS, Adapter, CompileOptions, copy_host_files, finish, prepare
 from surgery.compile.logged import parallel, run_logged
-from surgery.compile.mnn_runtime import WORKER, MnnModel
+from surgery.compile.mnn_runtime import WORKER, MnnLlm, MnnModel, OnnxLogits
 from surgery.compile.toolchains import installed, python_of
 from surgery.errors import SurgeryError
 from surgery.fsutil import STAGING_PREFIX, sha256_file
-from surgery.manifest import Compiled, GraphSpec, Manifest
+from surgery.manifest import Compiled, GraphSpec, Manifest, TensorSpec
+from surgery.outputs import Output
 from surgery.parity import Parity
 
 QUANTIZED_KINDS = {"block", "block_cache", "lm_head"}
 # cosine floors per output, by weight bits (None: float weights), and for what a block adds to its input
 MIN_COSINE = {None: 0.9999, 8: 0.99, 4: 0.95}
 MIN_DELTA = {None: 0.999, 8: 0.95, 4: 0.8}
+# the engine layout is checked end to end (logits after every layer), where quantization error adds up: the
+# tiny fixture (random weights, init 0.2) measures 0.99999 float, 0.93 at 4-bit block 32; a broken graph
+# (mask, positions, cache) is far below
+MIN_LOGITS_COSINE = {None: 0.9999, 8: 0.98, 4: 0.9}
 
 
 def convert_args(graph: GraphSpec, src: Path, dst: Path, bits: int | None, block: int) -> list[str]:
@@ -47,12 +57,13 @@ def weight_bits(quantize: str) -> int | None:
 class MnnAdapter(Adapter):
     name = "mnn"
     chips = ("mnn",)
-    summary = "MNN (CPU/GPU/NPU backends of phones and boards): one .mnn per graph"
+    summary = "MNN (CPU/GPU/NPU backends of phones and boards): MNN's LLM engine layout (llm.mnn + configs)"
     toolchain = "mnn"
     backend = "mnn"
-    runtime = "surgery.compile.mnn:MnnModel"
-    loaded_by = "MNN's Module API (`surgery run`, or MNN.nn.load_module_from_file on the board)"
+    runtime = "surgery.compile.mnn_runtime:open_mnn"
+    loaded_by = "MNN's LLM engine (MNN.llm.create(config.json), llm_demo); --layout graphs: MNN's Module API"
     quantizations = ("fp32", *QUANTIZATIONS)
+    layouts = ("runtime", "graphs")
 
     def target(self, chip: str) -> str:
         return "mnn"
@@ -61,9 +72,11 @@ class MnnAdapter(Adapter):
         self.local_only(executor, self.name)
         onnx_dir, out, manifest, owned = prepare(self, onnx_dir, out, options)
         manifest.require_numpy_dtype("surgery compile --chip mnn")
-        bits, block, python = weight_bits(options.quantize), options.group_size, python_of("mnn")
         for stale in out.glob(f"{STAGING_PREFIX}*"):  # what a killed run left
             shutil.rmtree(stale, ignore_errors=True)
+        if options.layout == "runtime":
+            return self.compile_llm(onnx_dir, out, manifest, owned, options)
+        bits, block, python = weight_bits(options.quantize), options.group_size, python_of("mnn")
         owned.add("logs/", *(f"{g.name}.mnn" for g in manifest.graphs))
         logs = out / "logs"
 
@@ -94,7 +107,7 @@ class MnnAdapter(Adapter):
             adapter=self.name, chip="mnn", options=vars(options),
             toolchain={"mnn": installed("mnn")["versions"].get("mnn")}, files=[g.file for g in graphs],
             check=options.check, details={
-                "weight_quant_bits": bits, "weight_quant_block": block if bits else None,
+                "layout": "graphs", "weight_quant_bits": bits, "weight_quant_block": block if bits else None,
                 "commands": {g.name: ["MNNConvert", *convert_args(g, onnx_dir / g.file, out / f"{g.name}.mnn", bits,
                                                                    block)] for g in manifest.graphs}})
         compiled.write(out)
@@ -102,6 +115,62 @@ class MnnAdapter(Adapter):
         # token indices are compared for the record only: equal logits (ties) may be ordered either way
         return finish(out, compiled, rows, {DELTA: MIN_DELTA[bits]}, MIN_COSINE[bits],
                       f"MNN with {bits or 'float'} weights")
+
+
+    def compile_llm(self, onnx_dir: Path, out: Path, manifest: Manifest, owned: Output,
+                    options: CompileOptions) -> Manifest:
+        """MNN's LLM engine layout from the export's patched model (compile/mnn_llm.py)."""
+        from surgery.compile import mnn_llm as L
+        from surgery.compile.mnn_tie import tie_embeddings
+        from surgery.export.source import export_spec_for
+
+        bits, block = weight_bits(options.quantize), options.group_size
+        model_dir = Path(manifest.source.get("model_dir", ""))
+        if not (model_dir / "config.json").is_file():
+            raise SurgeryError(f"the export's patched model {model_dir} is gone; MNN's engine layout is built from "
+                               "it (re-run `surgery apply`, or compile with --layout graphs)")
+        owned.add("logs/", L.MODEL, L.WEIGHT, L.EMBEDDING, L.TOKENIZER, L.CONFIG, L.LLM_CONFIG)
+        log = out / "logs" / "llm.log"
+        log.unlink(missing_ok=True)
+        built = L.build_model(model_dir, out, python_of("mnn"), log, bits, block, options.symmetric)
+        tie = tie_embeddings(built.pop("graph"), bits, block) if bits and built["tie_word_embeddings"] else None
+        (out / L.EMBEDDING).unlink(missing_ok=True)
+        if tie is None:
+            key = f"{export_spec_for(manifest.model_type).embedding}.weight"
+            L.write_embedding(model_dir, out, key, (built["vocab_size"], built["hidden_size"]))
+        copy_host_files(onnx_dir, out, manifest)
+        L.write_tokenizer(out, manifest)
+        L.write_configs(out, manifest, built, bits is not None, tie)
+        h, f32, i32 = built["hidden_size"], "float32", "int32"
+        graph = GraphSpec("llm", L.MODEL, "llm", [TensorSpec("input_ids", [-1, 1, h], f32),
+                                                  TensorSpec("attention_mask", [], f32),
+                                                  TensorSpec("position_ids", [1, -1], i32),
+                                                  TensorSpec("logits_index", [1], i32)],
+                          [TensorSpec("logits", [1, -1, built["vocab_size"]], f32)], sha256_file(out / L.MODEL),
+                          data_file=L.WEIGHT, data_sha256=sha256_file(out / L.WEIGHT))
+        files = [L.CONFIG, L.LLM_CONFIG, L.MODEL, L.WEIGHT, L.TOKENIZER, *([L.EMBEDDING] if tie is None else [])]
+        compiled = replace(manifest, graphs=[graph], backend="mnn")
+        compiled.compiled = Compiled(
+            adapter=self.name, chip="mnn", options=vars(options),
+            toolchain={"mnn": installed("mnn")["versions"].get("mnn")}, files=files, check=options.check,
+            details={"layout": "llm", "loaded_by": "MNN.llm.create(config.json)", "weight_quant_bits": bits,
+                     "weight_quant_block": block if bits else None, "tie_embeddings": tie,
+                     "commands": built["commands"]})
+        compiled.write(out)
+        rows = check_llm(onnx_dir, out) if options.check != "none" else []
+        return finish(out, compiled, rows, {}, MIN_LOGITS_COSINE[bits],
+                      f"MNN's LLM engine with {bits or 'float'} weights")
+
+
+def check_llm(onnx_dir: Path, out: Path, prompt_length: int = 8) -> list[Parity]:
+    """The engine's logits after a prefill against the exported graphs' on onnxruntime, same prompt."""
+    from surgery.parity import compare
+
+    reference = OnnxLogits(onnx_dir)
+    ids = np.random.default_rng(0).integers(0, reference.manifest.vocab_size, prompt_length).tolist()
+    want = reference.prefill_logits(ids)
+    got = np.asarray(MnnLlm(out).engine(ids, 1)["logits"], np.float32)
+    return [compare("llm", "logits", got, want.reshape(-1))]
 
 
 def check_against_onnx(onnx_dir: Path, mnn_dir: Path, graphs: list[GraphSpec]) -> list[Parity]:

@@ -1,6 +1,7 @@
-"""Running `.mnn` graphs from our process: one `mnn_worker.py serve` subprocess in the MNN toolchain's
-environment holds the loaded modules; requests go over pipes as length-prefixed frames (JSON header, then
-`.npy` payloads). `MnnModel` is the Runtime `surgery run` uses for a `compile --chip mnn` directory.
+"""Running MNN output from our process. Per-graph `.mnn` files: one `mnn_worker.py serve` subprocess in the
+MNN toolchain's environment holds the loaded modules; requests go over pipes as length-prefixed frames (JSON
+header, then `.npy` payloads); `MnnModel` runs them with the shared generation loop. MNN's LLM engine layout:
+`MnnLlm` hands the directory to the engine itself. `open_mnn` picks one for `surgery run`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from surgery.compile.toolchains import python_of
 from surgery.errors import SurgeryError
-from surgery.runtime import Runtime
+from surgery.runtime import Generation, OnnxModel, Runtime
 
 WORKER = Path(__file__).with_name("mnn_worker.py")
 
@@ -79,3 +80,64 @@ class MnnModel(Runtime):
     def __del__(self) -> None:
         if hasattr(self, "worker"):
             self.worker.close()
+
+
+class MnnLlm:
+    """A directory in MNN's LLM engine layout (compile/mnn_llm.py), run by MNN's own engine: `MNN.llm` in
+    the toolchain's environment (`mnn_worker.py generate`), one process per generation. Greedy only: the
+    engine's samplers are configured in config.json, not per call."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from surgery.manifest import Manifest
+
+        self.dir = Path(directory)
+        self.manifest = Manifest.read(self.dir)
+
+    def engine(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> dict:
+        """Tokens, the prefill logits and timings from `MNN.llm.create(config.json)`."""
+        import subprocess
+
+        args = [str(python_of("mnn")), str(WORKER), "generate", str(self.dir / "config.json"),
+                ",".join(map(str, prompt)), str(max_new_tokens), ",".join(map(str, sorted(eos or ())))]
+        done = subprocess.run(args, capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode or not lines:
+            tail = "\n".join(done.stderr.strip().splitlines()[-20:])
+            raise SurgeryError(f"MNN's LLM engine failed on {self.dir} (exit {done.returncode}):\n{tail}")
+        return json.loads(lines[-1])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None,
+                 sampling: object = None) -> Generation:
+        if sampling is not None:
+            raise SurgeryError("MNN's engine samples as its config.json says (sampler_type); `surgery run --sample` "
+                               "drives the per-graph layout (compile with --layout graphs)")
+        if not prompt:
+            raise SurgeryError("the prompt is empty")
+        result = self.engine(prompt, max_new_tokens, eos)
+        steps = result["steps"]
+        return Generation(result["tokens"], result["prefill_ms"], len(steps) / sum(steps) if steps else 0.0, steps)
+
+
+class OnnxLogits(OnnxModel):
+    """The exported graphs on onnxruntime, keeping the head's logits: the reference MNN's engine is checked
+    against."""
+
+    def prefill_logits(self, prompt: list[int]) -> np.ndarray:
+        self.logits: list[np.ndarray] = []
+        self.generate(prompt, 1)
+        return self.logits[0]
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        outputs = super().run(name, **feeds)
+        if name == "lm_head":
+            self.logits.append(outputs[0])
+        return outputs
+
+
+def open_mnn(directory: str | Path) -> MnnModel | MnnLlm:
+    """The runtime for a `compile --chip mnn` directory: MNN's LLM engine for its layout, else our graphs."""
+    from surgery.manifest import Manifest
+
+    manifest = Manifest.read(Path(directory))
+    layout = manifest.compiled.details.get("layout") if manifest.compiled else None
+    return MnnLlm(directory) if layout == "llm" else MnnModel(directory)

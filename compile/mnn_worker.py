@@ -2,6 +2,8 @@
 
     python mnn_worker.py convert <MNNConvert arguments...>   # the converter, without MNN's telemetry
     python mnn_worker.py serve                               # run .mnn graphs for requests on stdin
+    python mnn_worker.py generate <config.json> <ids> <n> [<stop ids>]   # greedy on MNN.llm, JSON out
+    python mnn_worker.py encode <config.json> <text>         # the engine's tokenizer (tokenizer.txt), JSON out
 
 MNN's Python converter entry point imports a telemetry module that pip-installs a package at import time;
 calling the compiled `_tools.mnnconvert` directly never loads it. `serve` speaks length-prefixed frames:
@@ -71,8 +73,58 @@ def convert(args):
     return 0
 
 
+def generate(config, ids, n, stops=""):
+    """Greedy decoding on MNN's own LLM engine: `forward` takes token ids (the engine embeds them, keeps the
+    KV cache) and returns the last position's logits. Prints one JSON line: tokens, the prefill logits,
+    timings. Exits with os._exit: MNN.llm's objects crash the interpreter's teardown (a segfault after
+    the work is done)."""
+    import os
+    import time
+
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the engine prints to fd 1
+    import MNN.llm as llm
+    import numpy as np
+
+    model = llm.create(config)
+    model.load()
+    start = time.perf_counter()
+    logits = np.array(model.forward([int(i) for i in ids.split(",")]).read(), dtype=np.float32).reshape(-1)
+    first, tokens, steps, stop = logits.tolist(), [], [], {int(i) for i in stops.split(",") if i}
+    prefill_ms = (time.perf_counter() - start) * 1000
+    while True:
+        tokens.append(int(logits.argmax()))
+        if len(tokens) == int(n) or tokens[-1] in stop:
+            break
+        t0 = time.perf_counter()
+        logits = np.array(model.forward([tokens[-1]]).read(), dtype=np.float32).reshape(-1)
+        steps.append(time.perf_counter() - t0)
+    stdout.write(json.dumps({"tokens": tokens, "logits": first, "prefill_ms": prefill_ms, "steps": steps}) + "\n")
+    stdout.flush()
+    os._exit(0)
+
+
+def encode(config, text):
+    """Token ids from the engine's own tokenizer (what it feeds the model for a prompt), as one JSON line."""
+    import os
+
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    import MNN.llm as llm
+
+    model = llm.create(config)
+    model.load()
+    stdout.write(json.dumps({"ids": [int(i) for i in model.tokenizer_encode(text)]}) + "\n")
+    stdout.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
+    elif sys.argv[1] == "generate":
+        generate(*sys.argv[2:6])
+    elif sys.argv[1] == "encode":
+        encode(*sys.argv[2:4])
     else:
         sys.exit(convert(sys.argv[2:]))

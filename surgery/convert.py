@@ -45,9 +45,11 @@ class ConvertOptions:
     force: bool = False  # replace a bundle surgery wrote for another model
     executor: str = "local"  # or "ray": graph builds on a Ray cluster (compile/executors.py)
     address: str | None = None  # the Ray cluster
+    layout: str = "runtime"  # the adapter's output layout (compile/base.py)
+
     def compile_options(self) -> CompileOptions:
         return CompileOptions(self.chip, self.quantize, self.q_group_size, self.symmetric, self.num_core,
-                              self.num_device, self.jobs, self.check)
+                              self.num_device, self.jobs, self.check, self.layout)
 
 
 def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None) -> dict:

@@ -1,5 +1,6 @@
-"""MNN adapter: real MNNConvert of the fixture export, every graph checked against onnxruntime on the MNN
-runtime, generation on MNN, and no package installed behind the user's back."""
+"""MNN adapter, per-graph layout (`--layout graphs`): real MNNConvert of the fixture export, every graph checked
+against onnxruntime on the MNN runtime, generation on MNN, and no package installed behind the user's back.
+The default layout, MNN's LLM engine, is tested in test_mnn_llm.py."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("bits,floor", [(None, 0.9999), (8, 0.99), (4, 0.95)])
 def test_compile_checks_every_graph(onnx_dir: Path, tmp_path: Path, bits: int | None, floor: float):
-    manifest = MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", Q[bits], 32, check="all"))
+    manifest = MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", Q[bits], 32, check="all", layout="graphs"))
     rows = manifest.compiled.parity
     assert {r["graph"] for r in rows} == {g.name for g in manifest.graphs}
     assert min(r["cosine"] for r in rows if r["output"] == "hidden_states") >= floor
@@ -44,7 +45,7 @@ def test_compile_checks_every_graph(onnx_dir: Path, tmp_path: Path, bits: int | 
 
 
 def test_mnn_generates_what_onnxruntime_generates(onnx_dir: Path, tmp_path: Path):
-    MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "w8bf16", 32))
+    MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "w8bf16", 32, layout="graphs"))
     prompt = [5, 17, 42, 7, 99, 3]
     model = open_runtime(tmp_path / "mnn")
     got = model.generate(prompt, 16)
@@ -61,8 +62,8 @@ def test_cli_compile_installs_nothing(onnx_dir: Path, tmp_path: Path):
         (fake / name).write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
         (fake / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([SURGERY, "compile", str(onnx_dir), "--chip", "mnn", "-q", "w8bf16", "-o",
-                           str(tmp_path / "out"), "--json"], capture_output=True, text=True, env=env)
+    done = subprocess.run([SURGERY, "compile", str(onnx_dir), "--chip", "mnn", "-q", "w8bf16", "--layout", "graphs",
+                           "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     ran = subprocess.run([SURGERY, "run", str(tmp_path / "out"), "--backend", "mnn", "--prompt", "Hello",
                           "--max-new-tokens", "4", "--json"], capture_output=True, text=True, env=env)
@@ -79,7 +80,7 @@ def test_converter_failure_names_graph_command_and_log(onnx_dir: Path, tmp_path:
     manifest.graph("lm_head").sha256 = sha256_file(broken / "lm_head.onnx")
     manifest.write(broken)
     with pytest.raises(SurgeryError) as err:
-        MNN.compile(broken, tmp_path / "out", CompileOptions("mnn", jobs=1))
+        MNN.compile(broken, tmp_path / "out", CompileOptions("mnn", jobs=1, layout="graphs"))
     message = str(err.value)
     assert "MNNConvert of graph lm_head failed" in message and "command: " in message
     assert f"last 30 lines of {tmp_path / 'out' / 'logs' / 'lm_head.log'}" in message

@@ -27,6 +27,9 @@ from surgery.cli.common import (
     progress,
 )
 
+Layout = Annotated[str, typer.Option(help="runtime: the files the vendor runtime loads (mnn: MNN's LLM engine, "
+                                          "llm.mnn + config.json); graphs (mnn only): one .mnn per exported graph.")]
+
 
 def _chips() -> str:
     from surgery.compile.registry import all_chips
@@ -53,6 +56,7 @@ def compile_cmd(
     symmetric: Annotated[bool, typer.Option("--symmetric", help="Symmetric weight quantization.")] = False,
     num_core: Annotated[int, typer.Option(help="Cores (bm1688: 2).")] = 1,
     num_device: Annotated[int, typer.Option(help="Devices.")] = 1,
+    layout: Layout = "runtime",
     jobs: Jobs = 2,
     check: Checks = Check.sample,
     executor: Executors = Executor.local,
@@ -67,7 +71,7 @@ def compile_cmd(
     from surgery.compile.registry import adapter_for
 
     adapter = adapter_for(chip)
-    options = CompileOptions(chip, quantize, group_size, symmetric, num_core, num_device, jobs, check.value)
+    options = CompileOptions(chip, quantize, group_size, symmetric, num_core, num_device, jobs, check.value, layout)
     adapter.preflight(options)
     manifest = adapter.compile(onnx_dir, out_dir, options, executor=_executor(executor, address, jobs))
     compiled = manifest.compiled
@@ -106,6 +110,7 @@ def convert_cmd(
     embedding_disk: Annotated[bool, typer.Option("--embedding_disk", help="Embedding as a bf16 table on the "
                                                  "host instead of graphs.")] = False,
     trust_remote_code: Trust = False,
+    layout: Layout = "runtime",
     jobs: Jobs = 2,
     check: Checks = Check.sample,
     executor: Executors = Executor.local,
@@ -122,7 +127,7 @@ def convert_cmd(
 
     options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
                              num_core, symmetric, max_input_length, embedding_disk, trust_remote_code, jobs,
-                             check.value, force, executor.value, address)
+                             check.value, force, executor.value, address, layout)
     with progress("converting:", as_json) as report:
         result = convert(options, progress=report)
     if as_json:

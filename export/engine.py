@@ -1,0 +1,167 @@
+"""The single graph MNN's LLM engine runs (`llm.mnn`), built from our patched model with streamed weights.
+
+The engine (transformers/llm/engine/src/llm.cpp in alibaba/MNN) loads one module with inputs `input_ids`
+(which carries the embeddings, float [seq, 1, H]), `attention_mask`, `position_ids` (int32 [1, seq]) and
+`logits_index` (int32 [1]), and one output `logits`; it never feeds K/V tensors. The KV cache lives inside
+MNN's `Attention` op. So the graph is every layer of the patched model called without history, with the
+attention core replaced by a `LlmExporter::FusedAttention` node (q/k/v after RoPE, BSHD) that the MNN
+adapter turns into that op after conversion (compile/mnn_llm.py). The mask reaches only those nodes: on
+CPU the engine passes a scalar 0 and causality comes from the op's KV metadata.
+
+Weights: traced as graph inputs backed by stride-0 stand-ins (no memory), then attached layer by layer from
+safetensors into `<graph>.data` (export/trace.py), so at most one layer is resident at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import onnx
+import torch
+
+from surgery.errors import SurgeryError
+from surgery.export.arch import ArchSpec
+from surgery.export.jobs import ExportOptions
+from surgery.export.source import export_spec_for, load_streaming
+from surgery.export.trace import ParamsAsInputs, _attach_weights, unique_parameters
+from surgery.export.weights import Resident
+from surgery.fsutil import STAGING_PREFIX
+from surgery.onnxio import data_file, save_graph
+
+INPUTS = ["input_ids", "attention_mask", "position_ids", "logits_index"]  # llm.cpp Module::load, this order
+OUTPUTS = ["logits"]
+DOMAIN = "LlmExporter"  # the custom domain MNNConvert keeps as `Extra` ops (--allowCustomOp)
+OPSET = 15
+DYNAMIC = {"input_ids": {0: "seq"}, "attention_mask": {2: "seq", 3: "seq"}, "position_ids": {1: "seq"}}
+
+
+class FusedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) v over the engine's cache; exported as one custom node."""
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, out_dim: int, layer: int):
+        return g.op(f"{DOMAIN}::FusedAttention", q, k, v, mask, output_dim_i=out_dim, kv_cache_i=1,
+                    layer_index_i=layer, kv_shared_layer_index_i=-1, name_s=f"/layers.{layer}/FusedAttention")
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, out_dim: int, layer: int):  # the math, for the trace only (no cache)
+        rep = q.shape[2] // k.shape[2]
+        q, k, v = q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask
+        return (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(q.shape[0], -1, out_dim)
+
+
+def fused_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Drop-in for a patched model's `eager_attention_forward` ([B, heads, S, D] in, [B, S, heads, D] out).
+    MNN's op scales by 1/sqrt(D); another scaling is folded into q."""
+    heads, d = module.config.num_attention_heads, module.head_dim  # plain ints: traced sizes break apply()
+    q = query.transpose(1, 2)
+    if abs(scaling - d ** -0.5) > 1e-9:
+        q = q * (scaling * d ** 0.5)
+    out = FusedAttention.apply(q, key.transpose(1, 2), value.transpose(1, 2), attention_mask, heads * d,
+                               int(module.layer_idx))
+    return out.view(1, -1, heads, d), None
+
+
+@contextlib.contextmanager
+def attention_fused(layer: torch.nn.Module) -> Iterator[None]:
+    """Point the patched modeling module's `eager_attention_forward` (the one attention its packs keep) at
+    `fused_attention` while tracing."""
+    attention = next((m for m in layer.modules() if hasattr(m, "layer_idx")), None)
+    module = sys.modules.get(type(attention).__module__) if attention is not None else None
+    if module is None or not hasattr(module, "eager_attention_forward"):
+        raise SurgeryError(f"{type(layer).__name__} has no `eager_attention_forward` attention to replace; MNN's "
+                           "engine layout needs a transformers-native pack (use --layout graphs for this model)")
+    original = module.eager_attention_forward
+    module.eager_attention_forward = fused_attention
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+
+
+class EngineGraph(torch.nn.Module):
+    """input_ids = embeddings [S, 1, H], attention_mask, position_ids int32 [1, S], logits_index int32 [1]
+    -> logits [1, n, V] for the tokens from logits_index on (-1: the last)."""
+
+    def __init__(self, spec: ArchSpec, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.spec, self.hidden = spec, model.config.hidden_size
+        self.layers = spec.part(model, spec.layers)
+        self.norm, self.head = spec.part(model, spec.final_norm), spec.part(model, spec.lm_head)
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if rotary is None:
+            raise SurgeryError("MNN's engine layout computes RoPE from position_ids with the model's `rotary_emb`, "
+                               "which this model does not have; use --layout graphs")
+        self.rotary = rotary
+        self.paths = {"layers": spec.layers, "norm": spec.final_norm, "head": spec.lm_head}
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_index):
+        hidden = input_ids.view(1, -1, self.hidden)
+        cos, sin = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            hidden = self.spec.call_block(layer, hidden, cos, sin, attention_mask, None)[0]
+        hidden = hidden[:, logits_index.long():, :]
+        return self.head(self.norm(hidden))
+
+    def owner(self, name: str) -> str:
+        """The model submodule whose weights hold parameter `name` of this wrapper (a whole layer at once)."""
+        first, _, rest = name.partition(".")
+        if first == "layers":
+            return f"{self.paths['layers']}.{rest.split('.')[0]}"
+        return self.paths[first]
+
+
+class Streamed(Mapping):
+    """Parameters by name, each loaded when asked for: the layer owning it is held, the previous dropped."""
+
+    def __init__(self, graph: EngineGraph, resident: Resident, names: list[str]) -> None:
+        self.graph, self.resident, self.names = graph, resident, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.resident.hold([self.graph.owner(name)])
+        return self.graph.get_parameter(name).data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def standin(param: torch.Tensor) -> torch.Tensor:
+    """A tensor of the parameter's shape and dtype that takes no memory (stride 0)."""
+    return torch.zeros((), dtype=param.dtype).expand(param.shape)
+
+
+def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = False, trace_seq: int = 3) -> dict:
+    """Write `path` (+ `<path>.data`): the whole model as the engine's one graph, fp32. Returns the facts
+    the engine's config needs (hidden size, layers, vocabulary, tied head)."""
+    resident, config = load_streaming(Path(model_dir), ExportOptions(seq_length=trace_seq + 1, dtype="fp32",
+                                                                     trust_remote_code=trust_remote_code))
+    spec = export_spec_for(config["model_type"])
+    graph = EngineGraph(spec, resident.model).eval()
+    params = unique_parameters(graph)
+    mask = torch.full((trace_seq, trace_seq), torch.finfo(torch.float32).min).triu(1)[None, None]
+    args = (torch.zeros(trace_seq, 1, graph.hidden), mask, torch.arange(trace_seq, dtype=torch.int32)[None],
+            torch.tensor([-1], dtype=torch.int32), *(standin(p) for p in params.values()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}trace-", dir=path.parent) as scratch:
+        traced = Path(scratch) / path.name
+        with attention_fused(graph.layers[0]), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(ParamsAsInputs(graph, list(params)), args, str(traced), input_names=[*INPUTS, *params],
+                              output_names=OUTPUTS, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                              custom_opsets={DOMAIN: 1}, dynamic_axes=DYNAMIC)
+        model = onnx.load(str(traced))
+    _attach_weights(model, Streamed(graph, resident, list(params)), {}, data_file(path))
+    resident.hold([])
+    save_graph(model, path)
+    return {"hidden_size": graph.hidden, "layer_nums": len(graph.layers), "model_type": config["model_type"],
+            "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
+            "vocab_size": resident.model.config.vocab_size}

@@ -1,0 +1,110 @@
+"""MNN's LLM engine layout (`compile -c mnn`, the default layout): the files and keys the engine reads, and the
+engine's own verdict: `MNN.llm.create(config.json)` (in the MNN toolchain's Python, via subprocess) greedy-
+decodes the same tokens as transformers on the fixture, and tokenizes as the Hugging Face tokenizer does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import export_native
+
+from surgery.compile.base import CompileOptions
+from surgery.compile.mnn import ADAPTER as MNN
+from surgery.compile.mnn_runtime import WORKER, MnnLlm
+from surgery.compile.toolchains import installed, python_of
+from surgery.runtime import open_runtime
+
+pytestmark = pytest.mark.skipif(installed("mnn") is None,
+                                reason="MNN toolchain absent: run `surgery toolchain install mnn` (make toolchains)")
+SURGERY = str(Path(sys.executable).with_name("surgery"))
+PROMPT = [5, 17, 42, 7, 99, 3]
+ENGINE_FILES = {"config.json", "llm_config.json", "llm.mnn", "llm.mnn.weight", "tokenizer.txt"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mnn-llm")
+    export_native("qwen2", root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fp32(root: Path) -> Path:
+    MNN.compile(root / "onnx", root / "fp32", CompileOptions("mnn", "fp32", 32))
+    return root / "fp32"
+
+
+def transformers_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_files_and_keys_the_engine_reads(fp32: Path):
+    config = json.loads((fp32 / "config.json").read_text())
+    llm = json.loads((fp32 / "llm_config.json").read_text())
+    assert ENGINE_FILES | {"embeddings_bf16.bin"} <= {p.name for p in fp32.iterdir()}
+    assert not [p.name for p in fp32.glob("*.mnn") if p.name != "llm.mnn"]  # one graph, not one per block
+    assert (config["llm_model"], config["llm_weight"], config["tokenizer_file"], config["embedding_file"]) == (
+        "llm.mnn", "llm.mnn.weight", "tokenizer.txt", "embeddings_bf16.bin")
+    assert (llm["hidden_size"], llm["layer_nums"], llm["attention_mask"], llm["model_type"]) == (64, 2, "float",
+                                                                                                    "qwen2")
+    assert llm["jinja"]["chat_template"] and "tie_embeddings" not in llm  # float weights: the bf16 table
+    assert (fp32 / "embeddings_bf16.bin").stat().st_size == 512 * 64 * 2  # raw bf16 [vocab, hidden]
+    assert (fp32 / "tokenizer.txt").read_text().splitlines()[0] == "430 3"  # magic, HUGGINGFACE (byte BPE)
+    manifest = json.loads((fp32 / "manifest.json").read_text())
+    assert manifest["compiled"]["details"]["layout"] == "llm"
+    assert set(manifest["compiled"]["files"]) == ENGINE_FILES | {"embeddings_bf16.bin"}
+    assert manifest["compiled"]["parity"][0]["cosine"] >= 0.9999  # engine logits vs onnxruntime's
+
+
+def test_engine_greedy_equals_transformers(root: Path, fp32: Path):
+    got = MnnLlm(fp32).engine(PROMPT, 20)  # MNN.llm.create(config.json) in the MNN env
+    assert got["tokens"] == transformers_greedy(root / "src", PROMPT, 20)
+
+
+def test_engine_tokenizer_equals_hugging_face(root: Path, fp32: Path):
+    from transformers import AutoTokenizer
+
+    text = "Hello, how are you today? The quick brown fox jumps over the lazy dog.\nEdge NPUs run static graphs."
+    done = subprocess.run([str(python_of("mnn")), str(WORKER), "encode", str(fp32 / "config.json"), text],
+                          capture_output=True, text=True, check=True)
+    want = AutoTokenizer.from_pretrained(root / "src")(text)["input_ids"]
+    assert json.loads(done.stdout.splitlines()[-1])["ids"] == want
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_other_families(tmp_path: Path, family: str):
+    """GQA with a tied head (llama), q/k norms and an untied head (qwen3): same tokens as transformers."""
+    onnx_dir = export_native(family, tmp_path)
+    MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "fp32", 32, check="none"))
+    assert MnnLlm(tmp_path / "mnn").engine(PROMPT, 16)["tokens"] == transformers_greedy(tmp_path / "src", PROMPT, 16)
+
+
+def test_quantized_4bit_ties_the_head(root: Path):
+    out = root / "w4"
+    manifest = MNN.compile(root / "onnx", out, CompileOptions("mnn", "w4bf16", 32))
+    details = manifest.compiled.details
+    assert details["weight_quant_bits"] == 4 and manifest.compiled.parity[0]["cosine"] >= 0.9
+    tie = json.loads((out / "llm_config.json").read_text()).get("tie_embeddings")
+    if tie is not None:  # a tied head's 4-bit rows serve as the embedding: no bf16 table
+        assert tie[3:5] == [4, 32] and not (out / "embeddings_bf16.bin").exists()
+    assert len(MnnLlm(out).engine(PROMPT, 16)["tokens"]) == 16
+    assert (out / "llm.mnn.weight").stat().st_size < (root / "fp32" / "llm.mnn.weight").stat().st_size / 4
+
+
+def test_cli_run_uses_the_engine(fp32: Path):
+    ran = subprocess.run([SURGERY, "run", str(fp32), "--backend", "mnn", "--prompt-ids", ",".join(map(str, PROMPT)),
+                          "--max-new-tokens", "8", "--json"], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert result["backend"] == "mnn" and result["tokens"] == MnnLlm(fp32).engine(PROMPT, 8)["tokens"]
+    assert type(open_runtime(fp32)) is MnnLlm
