@@ -11,6 +11,7 @@ as a local build's. Needs `pip install llm-surgery[ray]` and the sophgo toolchai
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from surgery.compile.sophgo_graphs import GraphJob, build
@@ -21,11 +22,12 @@ from surgery.errors import SurgeryError
 class LocalExecutor:
     """Builds on this machine's worker pool."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, cost: Callable[[GraphJob], float] | None = None) -> None:
         self.pool = pool
+        self.cost = cost  # the dearest builds start first
 
     def build(self, jobs: list[GraphJob], source: Path, work: Path, cache: Path) -> list[Path]:
-        return self.pool.map(lambda worker, job: build(worker, job, source, work, cache), jobs)
+        return self.pool.map(lambda worker, job: build(worker, job, source, work, cache), jobs, cost=self.cost)
 
 
 class GraphBuilder:

@@ -99,7 +99,10 @@ class WorkerPool:
                 return worker
             return self.free.get()
 
-    def map(self, fn: Callable[[TpuMlirWorker, T], R], items: Iterable[T]) -> list[R]:
+    def map(self, fn: Callable[[TpuMlirWorker, T], R], items: Iterable[T],
+            cost: Callable[[T], float] | None = None) -> list[R]:
+        """`fn` over `items` on the workers, results in the items' order. With `cost`, the dearest items start
+        first: a long job started last would leave the other workers idle while it runs alone."""
         def run(item: T) -> R:
             worker = self._take()
             try:
@@ -107,8 +110,11 @@ class WorkerPool:
             finally:
                 self.free.put(worker)
 
+        items = list(items)
+        order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            return list(pool.map(run, list(items)))
+            futures = {i: pool.submit(run, items[i]) for i in order}
+            return [futures[i].result() for i in range(len(items))]
 
     def close(self) -> None:
         for worker in self.started:

@@ -72,3 +72,21 @@ def native_block(block, hidden, cos, sin, mask, past):
     hidden, (k, v) = block(hidden, attention_mask=mask, position_embeddings=(cos, sin),
                            **{_cache_keyword(block): past})
     return hidden, k, v
+
+
+def chatglm_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ChatGLM2/3 remote code: the model's own rotary cache, [seq, rot/2, 2] (cos, sin) per rotated pair ->
+    cos, sin [seq, rot/2], rot being half of each head."""
+    cache = model.transformer.rotary_pos_emb(seq)
+    return cache[..., 0].detach().clone(), cache[..., 1].detach().clone()
+
+
+def chatglm_block(block, hidden, cos, sin, mask, past):
+    """ChatGLM2/3 remote code: a `GLMBlock` patched by the chatglm pack. It runs sequence-first ([S, 1, H]
+    hidden, [S, 1, rot/2, 2] rotary rows, (k, v) caches of [S, 1, kv, hd]); the contract is batch-first."""
+    import torch
+
+    rope = torch.stack([cos, sin], dim=-1).transpose(0, 1)
+    cache = None if past is None else (past[0].transpose(0, 1), past[1].transpose(0, 1))
+    out, (k, v) = block(hidden.transpose(0, 1), mask, rope, kv_cache=cache, use_cache=True)
+    return out.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)

@@ -136,6 +136,8 @@ def plan_apply(pack: Pack, model_dir: Path, options: ApplyOptions) -> Plan:
     """Run the pack's patches in memory. Raises SurgeryError when a required anchor is missing."""
     config, config_text = read_config(model_dir)
     check_model_type(pack, config, model_dir)
+    if pack.check_config is not None:
+        pack.check_config(config)
     check_transformers(pack)
     if options.seq_length is not None:
         check_seq_length(options.seq_length, config)

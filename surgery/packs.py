@@ -61,6 +61,9 @@ class Pack:
     # files taken from the installed transformers package (path inside it) when the model dir has none
     sources: Mapping[str, str] = field(default_factory=dict)
     export_spec: ArchSpec | None = None  # None: the pack's output cannot be exported yet
+    # refuses (SurgeryError, one line saying what to do) a config.json whose model the patches cannot make
+    # static, e.g. an option that adds inputs the block contract has no place for; runs before any patch
+    check_config: Callable[[Mapping[str, object]], None] | None = None
 
     def __post_init__(self) -> None:
         try:

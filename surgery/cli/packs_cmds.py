@@ -106,10 +106,12 @@ def list_cmd(as_json: Json = False) -> None:
 
 @app.command("fixture")
 def fixture_cmd(
-    kind: Annotated[str, typer.Argument(help="Family: qwen (remote code), llama, qwen2, qwen3, mistral, phi3.")],
+    kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm (remote code), llama, qwen2, qwen3, mistral, "
+                                             "phi3.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
-    revision: Annotated[str, typer.Option(help="qwen only: upstream revision style to imitate (2023-11, "
-                                               "2023-12).")] = "2023-11",
+    revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
+                                                      "(default: qwen 2023-11, chatglm 2023-07; a wrong one lists "
+                                                      "the choices).")] = None,
     seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
     as_json: Json = False,
 ) -> None:
@@ -117,18 +119,23 @@ def fixture_cmd(
 
     Example: surgery fixture qwen --out ./tiny-qwen --revision 2023-12
     """
+    from surgery.fixtures import chatglm, qwen_v1
     from surgery.fixtures.native import FAMILIES, build_native
-    from surgery.fixtures.qwen_v1 import REVISIONS, build
     from surgery.fsutil import staged_directory
     from surgery.outputs import claim, write_record
 
-    if kind != "qwen" and kind not in FAMILIES:
-        raise SurgeryError(f"no fixture named {kind!r}; available: qwen, {', '.join(FAMILIES)}")
-    if revision not in REVISIONS:
-        raise SurgeryError(f"--revision {revision!r}: choose one of {', '.join(REVISIONS)}")
+    remote = {"qwen": (qwen_v1.build, qwen_v1.REVISIONS, "2023-11"),
+              "chatglm": (chatglm.build, chatglm.REVISIONS, "2023-07")}  # family -> builder, styles, default
+    if kind not in remote and kind not in FAMILIES:
+        raise SurgeryError(f"no fixture named {kind!r}; available: {', '.join([*remote, *FAMILIES])}")
+    if kind in remote:
+        build, revisions, default = remote[kind]
+        revision = revision or default
+        if revision not in revisions:
+            raise SurgeryError(f"--revision {revision!r}: choose one of {', '.join(revisions)}")
     claim(out_dir, "fixture", {}, create=False)  # never over a directory surgery did not write
     with staged_directory(out_dir) as stage:
-        if kind == "qwen":
+        if kind in remote:
             build(stage, revision=revision, seed=seed)
         else:
             build_native(kind, stage, seed=seed)
