@@ -34,10 +34,10 @@ QUANTIZED_KINDS = {"block", "block_cache", "lm_head"}
 # cosine floors per output, by weight bits (None: float weights), and for what a block adds to its input
 MIN_COSINE = {None: 0.9999, 8: 0.99, 4: 0.95}
 MIN_DELTA = {None: 0.999, 8: 0.95, 4: 0.8}
-# the engine layout is checked end to end (logits after every layer), where quantization error adds up: the
-# tiny fixture (random weights, init 0.2) measures 0.99999 float, 0.93 at 4-bit block 32; a broken graph
-# (mask, positions, cache) is far below
-MIN_LOGITS_COSINE = {None: 0.9999, 8: 0.98, 4: 0.9}
+# the engine layout is checked end to end (logits after every layer, from the engine's own embedding), where
+# quantization error adds up: the tiny fixture (random weights, init 0.2) measures 0.99999 float, 0.9993 at
+# 8-bit, 0.93 at 4-bit block 32 and 0.90 with the 4-bit head as the embedding; a broken graph is far below
+MIN_LOGITS_COSINE = {None: 0.9999, 8: 0.98, 4: 0.85}
 
 
 def convert_args(graph: GraphSpec, src: Path, dst: Path, bits: int | None, block: int) -> list[str]:
@@ -121,7 +121,6 @@ class MnnAdapter(Adapter):
                     options: CompileOptions) -> Manifest:
         """MNN's LLM engine layout from the export's patched model (compile/mnn_llm.py)."""
         from surgery.compile import mnn_llm as L
-        from surgery.compile.mnn_tie import tie_embeddings
         from surgery.export.source import export_spec_for
 
         bits, block = weight_bits(options.quantize), options.group_size
@@ -133,7 +132,7 @@ class MnnAdapter(Adapter):
         log = out / "logs" / "llm.log"
         log.unlink(missing_ok=True)
         built = L.build_model(model_dir, out, python_of("mnn"), log, bits, block, options.symmetric)
-        tie = tie_embeddings(built.pop("graph"), bits, block) if bits and built["tie_word_embeddings"] else None
+        tie = built["tie_embeddings"]
         (out / L.EMBEDDING).unlink(missing_ok=True)
         if tie is None:
             key = f"{export_spec_for(manifest.model_type).embedding}.weight"

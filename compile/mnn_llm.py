@@ -60,7 +60,8 @@ def attention_ops(graph: dict) -> int:
 
 def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int | None, block: int,
                 symmetric: bool) -> dict:
-    """`out/llm.mnn` + `out/llm.mnn.weight` from the patched model; returns the graph facts and commands."""
+    """`out/llm.mnn` + `out/llm.mnn.weight` from the patched model; returns the graph facts, the
+    `tie_embeddings` entry (None: ship the bf16 table) and the commands."""
     from surgery.export.engine import export_engine_graph
 
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}llm-", dir=out))
@@ -78,12 +79,18 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
         if fused != facts["layer_nums"]:
             raise SurgeryError(f"MNNConvert kept {fused} FusedAttention nodes of {facts['layer_nums']} layers "
                                f"(see {log})")
+        tie = None
+        if bits and facts["tie_word_embeddings"]:  # the head's rows as the embedding (compile/mnn_tie.py)
+            from surgery.compile import mnn_tie
+
+            tie = mnn_tie.tie_embeddings(graph, stage / "stage.mnn.weight", facts["vocab_size"],
+                                         facts["hidden_size"], bits, block)
         (stage / "stage.json").write_text(json.dumps(graph))
         run_logged([str(python), str(WORKER), "convert", *steps[2]], log, "MNNConvert (llm.mnn)", cwd=stage,
                    expect=stage / MODEL)
         os.replace(stage / "stage.mnn.weight", out / WEIGHT)  # the JSON kept its offsets into this file
         os.replace(stage / MODEL, out / MODEL)
-        return {**facts, "graph": graph, "commands": [["MNNConvert", *a] for a in steps]}
+        return {**facts, "tie_embeddings": tie, "commands": [["MNNConvert", *a] for a in steps]}
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import export_native
@@ -89,14 +90,36 @@ def test_other_families(tmp_path: Path, family: str):
     assert MnnLlm(tmp_path / "mnn").engine(PROMPT, 16)["tokens"] == transformers_greedy(tmp_path / "src", PROMPT, 16)
 
 
-def test_quantized_4bit_ties_the_head(root: Path):
-    out = root / "w4"
-    manifest = MNN.compile(root / "onnx", out, CompileOptions("mnn", "w4bf16", 32))
-    details = manifest.compiled.details
-    assert details["weight_quant_bits"] == 4 and manifest.compiled.parity[0]["cosine"] >= 0.9
-    tie = json.loads((out / "llm_config.json").read_text()).get("tie_embeddings")
-    if tie is not None:  # a tied head's 4-bit rows serve as the embedding: no bf16 table
-        assert tie[3:5] == [4, 32] and not (out / "embeddings_bf16.bin").exists()
+def dequantized_rows(weight_file: Path, tie: list[int], vocab: int, hidden: int) -> np.ndarray:
+    """The embedding as the engine's DiskEmbedding decodes it from `tie_embeddings` (diskembedding.cpp:
+    4-bit values high nibble first, `q * scale + zero`, zero = alpha0 - 8 * scale for (alpha0, scale) pairs)."""
+    offset, alpha_offset, alpha_size, bits, block = tie
+    assert bits == 4
+    raw = np.fromfile(weight_file, np.uint8, vocab * hidden // 2, offset=offset)
+    q = np.stack([raw >> 4, raw & 15], -1).reshape(vocab, hidden // block, block).astype(np.float32)
+    alpha = np.fromfile(weight_file, "<f4", alpha_size // 4, offset=alpha_offset).reshape(vocab, hidden // block, -1)
+    if alpha.shape[-1] == 2:
+        return (q * alpha[..., 1:] + (alpha[..., :1] - 8 * alpha[..., 1:])).reshape(vocab, hidden)
+    return ((q - 8) * alpha).reshape(vocab, hidden)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_4bit_head_is_the_embedding(root: Path, symmetric: bool):
+    """A tied head at 4 bits: no bf16 table; the engine's reader decodes the head's rows to the embedding
+    (within half a quantization step), and the engine still generates."""
+    from safetensors import safe_open
+
+    out = root / f"w4-{symmetric}"
+    manifest = MNN.compile(root / "onnx", out, CompileOptions("mnn", "w4bf16", 32, symmetric=symmetric))
+    assert manifest.compiled.details["weight_quant_bits"] == 4 and manifest.compiled.parity[0]["cosine"] >= 0.85
+    tie = json.loads((out / "llm_config.json").read_text())["tie_embeddings"]
+    assert tie[3:] == [4, 32] and not (out / "embeddings_bf16.bin").exists()
+    assert "embeddings_bf16.bin" not in manifest.compiled.files
+    with safe_open(str(root / "src" / "model.safetensors"), "pt") as fh:
+        table = fh.get_tensor("model.embed_tokens.weight").numpy()
+    rows = dequantized_rows(out / "llm.mnn.weight", tie, 512, 64)
+    step = np.abs(table).max() / 7 if symmetric else (table.max(1) - table.min(1)).max() / 15  # one level
+    assert np.abs(rows - table).max() <= step / 2 + 1e-5
     assert len(MnnLlm(out).engine(PROMPT, 16)["tokens"]) == 16
     assert (out / "llm.mnn.weight").stat().st_size < (root / "fp32" / "llm.mnn.weight").stat().st_size / 4
 
