@@ -45,9 +45,16 @@ def qwen_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def qwen_block(block, hidden, cos, sin, mask, past):
-    """Qwen-v1 remote code: a `QWenBlock` patched by the qwen pack (returns this step's K/V as present)."""
-    out = block(hidden, rotary_pos_emb_list=[[cos.unsqueeze(2), sin.unsqueeze(2)]], layer_past=past,
-                attention_mask=mask, use_cache=True)
+    """Qwen-v1 remote code: a `QWenBlock` patched by the qwen pack (returns this step's K/V as present).
+
+    From October 2023 the block takes a per-sample `rotary_pos_emb_list`; the September revisions many
+    fine-tunes froze take one `rotary_pos_emb` [cos, sin] pair."""
+    rotary = [cos.unsqueeze(2), sin.unsqueeze(2)]
+    if "rotary_pos_emb_list" in inspect.signature(block.forward).parameters:
+        positions = {"rotary_pos_emb_list": [rotary]}
+    else:
+        positions = {"rotary_pos_emb": rotary}
+    out = block(hidden, **positions, layer_past=past, attention_mask=mask, use_cache=True)
     return out[0], out[1][0], out[1][1]
 
 

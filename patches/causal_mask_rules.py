@@ -46,10 +46,10 @@ class _MaskRemovalInMethods(Rule):
 
 
 class RegisteredCausalMask(_MaskRemovalInMethods):
-    """2023-11 style: `attn_weights = torch.where(causal_mask, attn_weights, mask_value)` after slicing
-    `registered_causal_mask` and building `finfo.min`."""
+    """2023-09 and 2023-11 style: `attn_weights = torch.where(causal_mask, attn_weights, mask_value)` after
+    slicing `registered_causal_mask` and building `finfo.min`."""
 
-    name = "registered_causal_mask (2023-11)"
+    name = "registered_causal_mask (2023-09, 2023-11)"
     anchor = "`attn_weights = torch.where(causal_mask, ...)` in {methods}"
     target = m.SimpleStatementLine([m.Assign(value=_where_on("causal_mask"))])
 
@@ -77,3 +77,36 @@ class TrilCausalMask(_MaskRemovalInMethods):
             return updated
         return self.mark(cst.parse_statement("causal_mask = None\n").with_changes(
             leading_lines=updated.leading_lines), "the tril mask is no longer built")
+
+
+class AddAttentionMask(Rule):
+    """2023-09 style: `_attn` takes `attention_mask` but never reads it (the registered causal mask was the
+    only mask there). With that mask removed the input mask has to apply, so add it to the scores before
+    the softmax: `if attention_mask is not None: <scores> = <scores> + attention_mask`."""
+
+    name = "add attention_mask before softmax (2023-09)"
+    anchor = "`<scores> = ...softmax(...)` in {methods}, which take `attention_mask` and never read it"
+    SOFTMAX = m.SimpleStatementLine([m.Assign(targets=[m.AssignTarget(m.Name())],
+                                              value=m.Call(func=m.Attribute(attr=m.Name("softmax"))))])
+
+    def __init__(self, methods: tuple[str, ...] = ("_attn",)) -> None:
+        super().__init__()
+        self.methods = methods
+        self.anchor = self.anchor.format(methods=", ".join(methods))
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        if updated.name.value not in self.methods:
+            return updated
+        takes_mask = any(p.name.value == "attention_mask" for p in updated.params.params)
+        if not takes_mask or m.findall(updated.body, m.Name("attention_mask")):
+            return updated
+        body = list(updated.body.body)
+        at = next((i for i, s in enumerate(body) if m.matches(s, self.SOFTMAX)), None)
+        if at is None:
+            return updated
+        scores = body[at].body[0].targets[0].target.value
+        add = cst.parse_statement(f"if attention_mask is not None:\n    {scores} = {scores} + attention_mask\n")
+        add = self.mark(add.with_changes(leading_lines=body[at].leading_lines),
+                        "the additive attention_mask input is the only mask")
+        body[at:at + 1] = [add, body[at].with_changes(leading_lines=[cst.EmptyLine(indent=False)])]
+        return updated.with_changes(body=updated.body.with_changes(body=body))

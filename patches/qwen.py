@@ -1,4 +1,4 @@
-"""Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat, `model_type: qwen`), both upstream revision styles.
+"""Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat, `model_type: qwen`), the 2023-09..2023-12 upstream revision styles.
 
 The edits people make by hand before exporting these models to NPUs, as codemods, plus what the
 remote code needs to load on transformers 5.x.
@@ -12,7 +12,7 @@ from surgery.codemod import Patch
 from surgery.export.arch import ArchSpec, qwen_block, qwen_rope
 from surgery.packs import ApplyOptions, Pack
 
-from .causal_mask_rules import RegisteredCausalMask, TrilCausalMask
+from .causal_mask_rules import AddAttentionMask, RegisteredCausalMask, TrilCausalMask
 from .common_rules import (
     IS_NOT_NONE,
     CallFirstInMethod,
@@ -26,19 +26,32 @@ from .common_rules import (
 )
 
 # transformers 5 builds the model on the meta device and leaves non-persistent buffers as uninitialised
-# memory; it then calls `_init_weights` on exactly the modules holding them. Rebuild them there.
+# memory; it then calls `_init_weights` on exactly the modules holding them. Rebuild them there. Revisions
+# before October 2023 keep logn and inv_freq as plain tensor attributes, which loading leaves on the meta
+# device: those are replaced, and the rotary module (no buffer, so never passed in) is reached via QWenModel.
 RESTORE_BUFFERS = '''
+def _surgery_refill(module, name, value):
+    if name in module._buffers:
+        module._buffers[name].copy_(value)
+    else:
+        setattr(module, name, value)
+
+
 def _surgery_restore_buffers(module):
     if isinstance(module, QWenAttention):
         n = module.logn_tensor.size(1)
         logn = [math.log(i, module.seq_length) if i > module.seq_length else 1 for i in range(1, n + 1)]
-        module.logn_tensor.copy_(torch.tensor(logn)[None, :, None, None])
+        _surgery_refill(module, "logn_tensor", torch.tensor(logn)[None, :, None, None])
         module.masked_bias.fill_(-1e4)
     elif isinstance(module, RotaryEmbedding):
-        module.inv_freq.copy_(1.0 / (module.base ** (torch.arange(0, module.dim, 2).float() / module.dim)))
-    elif isinstance(module, QWenModel) and getattr(module, "registered_causal_mask", None) is not None:
-        n = module.registered_causal_mask.size(-1)
-        module.registered_causal_mask.copy_(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n))
+        inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2).float() / module.dim))
+        _surgery_refill(module, "inv_freq", inv_freq)
+    elif isinstance(module, QWenModel):
+        _surgery_restore_buffers(module.rotary_emb)
+        if getattr(module, "registered_causal_mask", None) is not None:
+            n = module.registered_causal_mask.size(-1)
+            causal = torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
+            module.registered_causal_mask.copy_(causal)
 '''
 
 PRESENT = m.If(test=m.Name("use_cache"), body=contains(m.AssignTarget(m.Name("present"))))
@@ -46,7 +59,8 @@ CACHE_CONCAT = m.If(test=m.Comparison(left=m.Name("layer_past"), comparisons=[IS
 
 PATCHES = [
     Patch("sdpa-off", "SUPPORT_TORCH2 = False: torch 2 SDPA does not export to static ONNX",
-          [partial(ForceModuleConstant, "SUPPORT_TORCH2", "False")]),
+          [partial(ForceModuleConstant, "SUPPORT_TORCH2", "False")], required=False,
+          absent_reason="this revision predates SDPA support (no SUPPORT_TORCH2 flag)"),
     Patch("sdpa-branch", "drop the SDPA branch in attention, keep the eager `_attn` path",
           [partial(KeepElseOfFlagBranch, "SUPPORT_TORCH2")], required=False,
           absent_reason="this revision has no SDPA branch"),
@@ -55,6 +69,9 @@ PATCHES = [
           absent_reason="this revision already divides by a plain scalar"),
     Patch("causal-mask", "remove the built-in causal mask; only the additive attention_mask input masks",
           [RegisteredCausalMask, TrilCausalMask]),
+    Patch("attention-mask", "add the additive attention_mask in an `_attn` that never reads it",
+          [AddAttentionMask], required=False,
+          absent_reason="`_attn` already adds attention_mask in this revision"),
     Patch("present-kv", "take `present = (key, value)` before the cache concat: blocks return this step's K/V",
           [partial(HoistBefore, PRESENT, CACHE_CONCAT, name="hoist-present",
                    anchor="`if use_cache: present = ...` after `if layer_past is not None:` in one block",
@@ -99,7 +116,7 @@ def config_edits(opts: ApplyOptions) -> dict[str, object]:
 PACK = Pack(
     name="qwen",
     version="1.0.0",
-    summary="Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat), 2023-11 and 2023-12 revisions",
+    summary="Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat), 2023-09 to 2023-12 revisions",
     model_types=("qwen",),
     architectures=("QWenLMHeadModel",),
     files={"modeling_qwen.py": PATCHES},

@@ -30,12 +30,22 @@ def test_fixture_apply_dry_run_and_json(tmp_path: Path):
     assert again.returncode == 0 and "nothing to change" in again.stdout
 
 
+def test_september_revision_applies_and_says_what_it_lacks(tmp_path: Path):
+    """2023-09 remote code has no SUPPORT_TORCH2: `sdpa-off` is not applicable, with its reason, not an abort."""
+    assert run("fixture", "qwen", "--out", "sep", "--revision", "2023-09", cwd=tmp_path).returncode == 0
+    done = run("apply", "qwen", "--model", "sep", "--seq-length", "64", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    patches = {p["patch"]: p for p in json.loads(done.stdout)["patches"]}
+    assert (patches["sdpa-off"]["outcome"], patches["attention-mask"]["outcome"]) == ("not applicable", "applied")
+    assert patches["sdpa-off"]["detail"] == "this revision predates SDPA support (no SUPPORT_TORCH2 flag)"
+
+
 def test_list_json_describes_packs(tmp_path: Path):
     listed = run("list", "--json", cwd=tmp_path)
     assert listed.returncode == 0
     qwen = next(p for p in json.loads(listed.stdout) if p["name"] == "qwen")
     ids = [p["id"] for p in qwen["patches"]]
-    assert ids[:5] == ["sdpa-off", "sdpa-branch", "full-divisor", "causal-mask", "present-kv"]
+    assert ids[:6] == ["sdpa-off", "sdpa-branch", "full-divisor", "causal-mask", "attention-mask", "present-kv"]
     assert all(p["summary"] for p in qwen["patches"])
 
 

@@ -10,10 +10,10 @@ import pytest
 from surgery.conformance import check_pack
 from surgery.fixtures import chatglm
 from surgery.fixtures.native import FAMILIES, build_native
-from surgery.fixtures.qwen_v1 import build
+from surgery.fixtures.qwen_v1 import REVISIONS, build
 from surgery.packs import all_packs
 
-CASES = [("qwen", "2023-11"), ("qwen", "2023-12"), *(("chatglm", r) for r in chatglm.REVISIONS),
+CASES = [*(("qwen", revision) for revision in REVISIONS), *(("chatglm", r) for r in chatglm.REVISIONS),
          *((family, None) for family in FAMILIES)]
 BUILDERS = {"qwen": build, "chatglm": chatglm.build}  # remote-code families, built per revision style
 

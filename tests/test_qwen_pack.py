@@ -3,6 +3,7 @@ when given the equivalent mask, returns only this step's K/V, and exports withou
 
 from __future__ import annotations
 
+import inspect
 import io
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def causal_mask(s: int) -> torch.Tensor:
     return torch.full((s, s), MASKED).triu(1)[None, None]
 
 
+def rotary_kwargs(block: torch.nn.Module, rotary: list[torch.Tensor]) -> dict[str, object]:
+    """2023-09 blocks take one `rotary_pos_emb` [cos, sin] pair; later revisions a per-sample list."""
+    if "rotary_pos_emb_list" in inspect.signature(block.forward).parameters:
+        return {"rotary_pos_emb_list": [rotary]}
+    return {"rotary_pos_emb": rotary}
+
+
 def run_blocks(model, ids: torch.Tensor, mask: torch.Tensor, past=None):
     """Embedding -> every block (with the given additive mask) -> ln_f -> lm_head; also each block's K/V."""
     t = model.transformer
@@ -40,7 +48,7 @@ def run_blocks(model, ids: torch.Tensor, mask: torch.Tensor, past=None):
     rotary = t.rotary_emb(total)
     hidden, presents = t.wte(ids), []
     for i, block in enumerate(t.h):
-        out = block(hidden, rotary_pos_emb_list=[rotary], layer_past=None if past is None else past[i],
+        out = block(hidden, **rotary_kwargs(block, rotary), layer_past=None if past is None else past[i],
                     attention_mask=mask, use_cache=True)
         hidden = out[0]
         presents.append(out[1])
@@ -87,7 +95,7 @@ def graph_ops(model, s: int = 8) -> set[str]:
             self.block = block
 
         def forward(self, hidden, mask):
-            out = self.block(hidden, rotary_pos_emb_list=[rotary], registered_causal_mask=builtin_mask,
+            out = self.block(hidden, **rotary_kwargs(block, rotary), registered_causal_mask=builtin_mask,
                              attention_mask=mask, use_cache=True)
             return out[0], out[1][0], out[1][1]
 

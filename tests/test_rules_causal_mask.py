@@ -1,9 +1,10 @@
-"""Exact before/after for the two built-in causal mask rules (one per Qwen-v1 revision style)."""
+"""Exact before/after for the built-in causal mask rules of the Qwen-v1 revision styles, and for the rule that
+adds the input mask where a 2023-09 `_attn` never read it."""
 
 from __future__ import annotations
 
 from surgery.codemod_testing import assert_rule
-from surgery.patches.causal_mask_rules import RegisteredCausalMask, TrilCausalMask
+from surgery.patches.causal_mask_rules import AddAttentionMask, RegisteredCausalMask, TrilCausalMask
 
 REGISTERED = """
     def _attn(self, q, k, registered_causal_mask, attention_mask=None):
@@ -76,3 +77,49 @@ def test_tril_causal_mask_removes_the_use_and_the_build():
             return self._attn(q, k, causal_mask)
     """)
     assert_rule(TrilCausalMask, REGISTERED, None)
+
+
+UNREAD = """
+    def _attn(self, q, k, registered_causal_mask, attention_mask=None):
+        w = q @ k
+        w = torch.where(registered_causal_mask, w, -1e4)
+        # to probabilities
+        w = nn.functional.softmax(w, dim=-1)
+        return w
+
+
+    def _upcast_and_reordered_attn(self, q, k, attention_mask=None):
+        w = (q @ k).float()
+        w = w.softmax(dim=-1)
+        return w
+"""
+
+
+def test_add_attention_mask_before_softmax_where_attn_never_reads_it():
+    """Only the named method changes; its comments stay above the new statement with the marker."""
+    assert_rule(AddAttentionMask, UNREAD, """
+        def _attn(self, q, k, registered_causal_mask, attention_mask=None):
+            w = q @ k
+            w = torch.where(registered_causal_mask, w, -1e4)
+            # to probabilities
+            # surgery: test/rule: the additive attention_mask input is the only mask
+            if attention_mask is not None:
+                w = w + attention_mask
+
+            w = nn.functional.softmax(w, dim=-1)
+            return w
+
+
+        def _upcast_and_reordered_attn(self, q, k, attention_mask=None):
+            w = (q @ k).float()
+            w = w.softmax(dim=-1)
+            return w
+    """)
+
+
+def test_add_attention_mask_not_where_the_mask_is_read_or_not_taken():
+    assert_rule(AddAttentionMask, REGISTERED, None)  # 2023-11 already adds it
+    assert_rule(AddAttentionMask, """
+        def _attn(self, q, k):
+            return (q @ k).softmax(dim=-1)
+    """, None)
