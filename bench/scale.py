@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,13 +41,29 @@ def convert(model: Path, out: Path, chip: str, args: argparse.Namespace) -> dict
                "--trust-remote-code", "--json"]
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_name(out.name + ".log")
-    measured = measure(command, log=log)
+    cache = out.with_name(out.name + ".cache")  # cold: no graph reused from another run (layers share seeds)
+    shutil.rmtree(cache, ignore_errors=True)
+    measured = measure(command, log=log, env={**os.environ, "SURGERY_CACHE": str(cache)})
     if measured.returncode:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise SystemExit(f"surgery convert failed for {model.name} on {chip} (see {log}):\n{tail}")
     state = json.loads((out / "convert.json").read_text())["stages"]
-    return {"wall": measured.seconds, "tree_mb": measured.peak_tree_mb,
+    return {"wall": measured.seconds, "tree_mb": measured.peak_tree_mb, "graphs": graph_seconds(out),
             "stages": {name: {"seconds": s["seconds"], **s.get("peak_mb", {})} for name, s in state.items()}}
+
+
+def graph_seconds(out: Path) -> dict[str, dict[str, float]]:
+    """Per graph kind, the mean seconds one graph took to build and to simulate (a Sophgo bundle records them):
+    what docs/scaling.md multiplies out for bigger models."""
+    details = (json.loads((out / "manifest.json").read_text()).get("compiled") or {}).get("details", {})
+    kinds: dict[str, dict[str, list[float]]] = {}
+    for name, route in details.get("routes", {}).items():
+        kind = name.rstrip("0123456789").rstrip("_")
+        if "seconds" in route:
+            kinds.setdefault(kind, {}).setdefault("build", []).append(sum(route["seconds"].values()))
+        if name in details.get("simulate_seconds", {}):
+            kinds.setdefault(kind, {}).setdefault("simulate", []).append(details["simulate_seconds"][name])
+    return {kind: {what: sum(v) / len(v) for what, v in times.items()} for kind, times in kinds.items()}
 
 
 def main() -> None:
@@ -76,6 +93,8 @@ def main() -> None:
                 print(f"{chip:8} {layers:>6} {stage:9} {s['seconds']:>8.1f} {s.get('tree', 0):>9,.0f} "
                       f"{s.get('process', 0):>19,.0f}")
             print(f"{chip:8} {layers:>6} {'total':9} {r['wall']:>8.1f} {r['tree_mb']:>9,.0f}")
+            for kind, t in r["graphs"].items():
+                print(f"{chip:8} {layers:>6} one {kind}: " + ", ".join(f"{w} {v:.1f} s" for w, v in t.items()))
     if len(args.layers) > 1:
         lo, hi = min(args.layers), max(args.layers)
         print(f"\npeak ratio {hi} layers / {lo} layers, per stage (flat memory: close to 1.0)")

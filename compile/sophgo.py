@@ -10,8 +10,10 @@ llm_convert's does. Graphs are cached by content (compile/sophgo_graphs.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,10 +88,12 @@ class SophgoAdapter(Adapter):
             compiled.compiled = Compiled(
                 adapter=self.name, chip=options.chip, options=vars(options), toolchain={"tpu_mlir": version},
                 files=[name], check=options.check,
-                details={"routes": {j.name: {"route": j.route, "deploy": j.deploy, "cache_key": j.key} for j in jobs}})
+                details={"routes": {j.name: {"route": j.route, "deploy": j.deploy, "cache_key": j.key,
+                                             **built_seconds(work / j.name)} for j in jobs}})
             compiled.write(out)
             rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
-                            sampled(manifest, options.check), manifest.vocab_size, work)
+                            sampled(manifest, options.check), manifest.vocab_size, work,
+                            compiled.compiled.details.setdefault("simulate_seconds", {}))
         shutil.rmtree(work / "tables", ignore_errors=True)  # compiler intermediates: GBs at 7B
         for scratch in work.glob("*/*weight*.npz"):
             scratch.unlink(missing_ok=True)
@@ -97,9 +101,16 @@ class SophgoAdapter(Adapter):
         return finish(out, compiled, rows, floors, 0.0, f"{options.chip} on the simulator")
 
 
+def built_seconds(gdir: Path) -> dict:
+    """{"seconds": {"transform": s, "deploy": s}} for a graph this run built; nothing for a cached one."""
+    timing = gdir / "seconds.json"
+    return {"seconds": json.loads(timing.read_text())} if timing.is_file() else {}
+
+
 def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs: list[GraphSpec], vocab: int,
-             work: Path):
-    """Each chosen graph's bmodel on the CPU simulator against onnxruntime on the same inputs."""
+             work: Path, seconds: dict[str, float]):
+    """Each chosen graph's bmodel on the CPU simulator against onnxruntime on the same inputs; the time each
+    simulation took goes into `seconds` (the manifest: what a check level costs at this size)."""
 
     def one(worker: TpuMlirWorker, graph: GraphSpec):
         gdir = work / graph.name
@@ -107,8 +118,10 @@ def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs:
 
         def run(g: GraphSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             np.savez(gdir / "sim_in.npz", **feeds)
+            start = time.monotonic()
             worker.call("simulate", f"simulating graph {g.name}", gdir / "simulate.log", bmodel=bmodels[g.name],
                         net=g.name, inputs=gdir / "sim_in.npz", outputs=gdir / "sim_out.npz")
+            seconds[g.name] = round(time.monotonic() - start, 2)
             got = np.load(gdir / "sim_out.npz")  # by name; TPU-MLIR renames some outputs, whose order it keeps
             names = [next((k for k in got.files if k == t.name or k.startswith(f"{t.name}_")), got.files[i])
                      for i, t in enumerate(g.outputs)]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,10 +112,12 @@ def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version:
 def build(worker: TpuMlirWorker, job: GraphJob, source: Path, work: Path, cache: Path) -> Path:
     """The job's bmodel in `cache` (built by `worker` from the files in `source` unless cached)."""
     cached = cache / f"{job.key}.bmodel"
+    gdir = work / job.name
+    (gdir / "seconds.json").unlink(missing_ok=True)  # present only for a graph built by this run
     if cached.is_file():
         return cached
-    gdir = work / job.name
     gdir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
     mlir, bmodel, log = gdir / f"{job.name}.mlir", gdir / f"{job.name}.bmodel", gdir / "compile.log"
     if job.table:
         table = {**job.table["table"], "file": str(source / job.table["table"]["file"])}
@@ -125,8 +128,11 @@ def build(worker: TpuMlirWorker, job: GraphJob, source: Path, work: Path, cache:
     else:
         worker.call("transform", f"model_transform of graph {job.name}", log, workdir=gdir, name=job.name,
                     onnx=source / job.graph_file, shapes=job.shapes, extra=job.transform)
+    transformed = time.monotonic()
     worker.call("deploy", f"model_deploy of graph {job.name}", log, workdir=gdir,
                 args=["--mlir", str(mlir), *job.deploy, "--model", str(bmodel)])
+    (gdir / "seconds.json").write_text(json.dumps({"transform": round(transformed - start, 2),
+                                                   "deploy": round(time.monotonic() - transformed, 2)}))
     if not bmodel.is_file():
         raise SurgeryError(f"model_deploy of graph {job.name} wrote no bmodel; see {log}")
     cache.mkdir(parents=True, exist_ok=True)

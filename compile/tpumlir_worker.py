@@ -5,10 +5,9 @@ worker instead of twice per graph.
     python tpumlir_worker.py        # requests on stdin, one JSON object per line; answers the same way
 
 Ops (every path absolute; each job runs in its own working directory, its output appended to `log`):
-  transform  {workdir, log, name, onnx, shapes}        ONNX -> top MLIR, lean: no onnxsim pass (surgery
-                                                        optimize already folded the graph), no second full
-                                                        load for the QAT check, no `_opt.onnx` re-save, and
-                                                        external weights memory-mapped instead of copied
+  transform  {workdir, log, name, onnx, shapes}        ONNX -> top MLIR, lean: no onnxsim pass (optimize
+                                                        folded the graph), no QAT-check reload or `_opt.onnx`
+                                                        re-save; external weights memory-mapped, not copied
   table      {workdir, log, name, kind, table, npz, weight_type, in_shape, out_shape}
                                                         a graph that is only a vocabulary-table lookup
                                                         (`gather`) or product (`matmul`) -> top MLIR built

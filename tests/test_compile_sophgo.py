@@ -70,6 +70,9 @@ def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quanti
     SOPHGO.compile(onnx_dir, again, CompileOptions("bm1684x", quantize=quantize, group_size=32, check="none"))
     assert not list((again / "work").glob("*/compile.log"))
     assert Manifest.read(again).compiled.parity == []
+    # the cost of each check, and of each graph this run built (none: all cached), as the bench reads them
+    assert set(manifest.compiled.details["simulate_seconds"]) == {r["graph"] for r in rows}
+    assert not any("seconds" in r for r in Manifest.read(again).compiled.details["routes"].values())
 
 
 @needs_tpu_mlir
