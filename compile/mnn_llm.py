@@ -115,9 +115,10 @@ def write_configs(out: Path, manifest: Manifest, facts: dict, quantized: bool, t
         config["embedding_file"] = EMBEDDING
     llm = {"model_type": facts["model_type"], "hidden_size": facts["hidden_size"], "layer_nums": facts["layer_nums"],
            "attention_mask": "float", "attention_type": "full", "is_mrope": False}
-    if manifest.chat_template:
+    template = manifest.chat_template or facts.get("chat_template")  # the tokenizer's, else the pack's
+    if template:
         stops = manifest.tokenizer_files and _eos_name(out)
-        llm["jinja"] = {"chat_template": manifest.chat_template, **({"eos": stops} if stops else {})}
+        llm["jinja"] = {"chat_template": template, **({"eos": stops} if stops else {})}
     if tie is not None:
         llm["tie_embeddings"] = tie
     atomic_write_json(out / CONFIG, config)

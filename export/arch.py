@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from surgery.export.engine_spec import EngineSpec
+
 # call_block(block, hidden, cos, sin, mask, past) -> (hidden, k, v); cos/sin are [1, S, D] for the
 # tokens being processed, past is (history_k, history_v) or None, k/v are this step's only.
 BlockCall = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
@@ -33,6 +35,7 @@ class ArchSpec:
     call_block: BlockCall
     num_kv_heads: Callable[[object], int]
     head_dim: Callable[[object], int]
+    engine: EngineSpec | None = None  # MNN's one-graph engine layout (export/engine_spec.py); None: not offered
 
     def part(self, model: torch.nn.Module, path: str):
         return attrgetter(path)(model)

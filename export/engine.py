@@ -5,8 +5,10 @@ The engine (transformers/llm/engine/src/llm.cpp in alibaba/MNN) loads one module
 `logits_index` (int32 [1]), and one output `logits`; it never feeds K/V tensors. The KV cache lives inside
 MNN's `Attention` op. So the graph is every layer of the patched model called without history, with the
 attention core replaced by a `LlmExporter::FusedAttention` node (q/k/v after RoPE, BSHD) that the MNN
-adapter turns into that op after conversion (compile/mnn_llm.py). The mask reaches only those nodes: on
-CPU the engine passes a scalar 0 and causality comes from the op's KV metadata.
+adapter turns into that op after conversion (compile/mnn_llm.py). Where a family keeps that core and its
+rotary state is the pack's data (`ArchSpec.engine`, export/engine_spec.py), so native and remote-code
+families share this graph. The mask reaches only those nodes: on CPU the engine passes a scalar 0 and
+causality comes from the op's KV metadata.
 
 Weights: traced as graph inputs backed by stride-0 stand-ins (no memory), then attached layer by layer from
 safetensors into `<graph>.data` (export/trace.py), so at most one layer is resident at once.
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -26,6 +29,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.export.arch import ArchSpec
+from surgery.export.engine_spec import EngineSpec
 from surgery.export.jobs import ExportOptions
 from surgery.export.source import export_spec_for, load_streaming
 from surgery.export.trace import ParamsAsInputs, _attach_weights, unique_parameters
@@ -56,54 +60,71 @@ class FusedAttention(torch.autograd.Function):
         return (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(q.shape[0], -1, out_dim)
 
 
-def fused_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """Drop-in for a patched model's `eager_attention_forward` ([B, heads, S, D] in, [B, S, heads, D] out).
-    MNN's op scales by 1/sqrt(D); another scaling is folded into q."""
-    heads, d = module.config.num_attention_heads, module.head_dim  # plain ints: traced sizes break apply()
+@dataclass(frozen=True)
+class FusedSlot:
+    """What one layer's FusedAttention node is told: plain ints (traced sizes break `apply()`)."""
+
+    layer: int
+    heads: int
+    head_dim: int
+
+
+def fused_attention(module, query, key, value, attention_mask, scaling: float):
+    """The attention core as one FusedAttention node ([B, heads, S, D] in after RoPE, [B, S, heads, D] out), for
+    the attention `module` stamped with its `FusedSlot` (the families' drop-ins in export/engine_spec.py call
+    this). MNN's op scales by 1/sqrt(D); another scaling is folded into q."""
+    slot: FusedSlot = module.surgery_fused_slot
+    d = slot.head_dim
     q = query.transpose(1, 2)
     if abs(scaling - d ** -0.5) > 1e-9:
         q = q * (scaling * d ** 0.5)
-    out = FusedAttention.apply(q, key.transpose(1, 2), value.transpose(1, 2), attention_mask, heads * d,
-                               int(module.layer_idx))
-    return out.view(1, -1, heads, d), None
+    out = FusedAttention.apply(q, key.transpose(1, 2), value.transpose(1, 2), attention_mask, slot.heads * d,
+                               slot.layer)
+    return out.view(1, -1, slot.heads, d), None
 
 
 @contextlib.contextmanager
-def attention_fused(layer: torch.nn.Module) -> Iterator[None]:
-    """Point the patched modeling module's `eager_attention_forward` (the one attention its packs keep) at
-    `fused_attention` while tracing."""
-    attention = next((m for m in layer.modules() if hasattr(m, "layer_idx")), None)
-    module = sys.modules.get(type(attention).__module__) if attention is not None else None
-    if module is None or not hasattr(module, "eager_attention_forward"):
-        raise SurgeryError(f"{type(layer).__name__} has no `eager_attention_forward` attention to replace; MNN's "
-                           "engine layout needs a transformers-native pack (use --layout graphs for this model)")
-    original = module.eager_attention_forward
-    module.eager_attention_forward = fused_attention
+def attention_fused(engine: EngineSpec, attention: torch.nn.Module) -> Iterator[None]:
+    """Point the family's attention core (`engine.core`: a function of the attention's modeling module, or a
+    method of its class) at the family's fused drop-in while tracing."""
+    owner = sys.modules.get(type(attention).__module__) if engine.core_scope == "module" else type(attention)
+    if owner is None or not hasattr(owner, engine.core):
+        raise SurgeryError(f"{type(attention).__name__} has no `{engine.core}` attention core to replace, which the "
+                           "pack's engine spec names; use --layout graphs for this model")
+    original = owner.__dict__[engine.core] if engine.core_scope == "class" else getattr(owner, engine.core)
+    setattr(owner, engine.core, engine.fused)
     try:
         yield
     finally:
-        module.eager_attention_forward = original
+        setattr(owner, engine.core, original)
 
 
 class EngineGraph(torch.nn.Module):
     """input_ids = embeddings [S, 1, H], attention_mask, position_ids int32 [1, S], logits_index int32 [1]
     -> logits [1, n, V] for the tokens from logits_index on (-1: the last)."""
 
-    def __init__(self, spec: ArchSpec, model: torch.nn.Module) -> None:
+    def __init__(self, spec: ArchSpec, model: torch.nn.Module, model_type: str) -> None:
         super().__init__()
-        self.spec, self.hidden = spec, model.config.hidden_size
+        if spec.engine is None:
+            raise SurgeryError(f"the {model_type!r} pack declares no engine spec (ArchSpec.engine: its attention "
+                               "core and rotary module), which MNN's engine layout needs; use --layout graphs")
+        self.spec, self.engine, self.hidden = spec, spec.engine, model.config.hidden_size
         self.layers = spec.part(model, spec.layers)
         self.norm, self.head = spec.part(model, spec.final_norm), spec.part(model, spec.lm_head)
-        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-        if rotary is None:
-            raise SurgeryError("MNN's engine layout computes RoPE from position_ids with the model's `rotary_emb`, "
-                               "which this model does not have; use --layout graphs")
-        self.rotary = rotary
+        try:
+            self.rotary = spec.part(model, self.engine.rotary)
+            self.attentions = [layer.get_submodule(self.engine.attention) for layer in self.layers]
+        except AttributeError as exc:
+            raise SurgeryError(f"the {model_type!r} model does not have what its engine spec names ({exc}); "
+                               "use --layout graphs") from None
+        heads, head_dim = model.config.num_attention_heads, spec.head_dim(model.config)
+        for i, attention in enumerate(self.attentions):
+            attention.surgery_fused_slot = FusedSlot(i, heads, head_dim)
         self.paths = {"layers": spec.layers, "norm": spec.final_norm, "head": spec.lm_head}
 
     def forward(self, input_ids, attention_mask, position_ids, logits_index):
         hidden = input_ids.view(1, -1, self.hidden)
-        cos, sin = self.rotary(hidden, position_ids)
+        cos, sin = self.engine.rope(self.rotary, hidden, position_ids)
         for layer in self.layers:
             hidden = self.spec.call_block(layer, hidden, cos, sin, attention_mask, None)[0]
         hidden = hidden[:, logits_index.long():, :]
@@ -145,7 +166,7 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     resident, config = load_streaming(Path(model_dir), ExportOptions(seq_length=trace_seq + 1, dtype="fp32",
                                                                      trust_remote_code=trust_remote_code))
     spec = export_spec_for(config["model_type"])
-    graph = EngineGraph(spec, resident.model).eval()
+    graph = EngineGraph(spec, resident.model, config["model_type"]).eval()
     params = unique_parameters(graph)
     mask = torch.full((trace_seq, trace_seq), torch.finfo(torch.float32).min).triu(1)[None, None]
     args = (torch.zeros(trace_seq, 1, graph.hidden), mask, torch.arange(trace_seq, dtype=torch.int32)[None],
@@ -153,7 +174,7 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}trace-", dir=path.parent) as scratch:
         traced = Path(scratch) / path.name
-        with attention_fused(graph.layers[0]), torch.no_grad(), warnings.catch_warnings():
+        with attention_fused(graph.engine, graph.attentions[0]), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(ParamsAsInputs(graph, list(params)), args, str(traced), input_names=[*INPUTS, *params],
                               output_names=OUTPUTS, opset_version=OPSET, dynamo=False, do_constant_folding=True,
@@ -164,4 +185,4 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     save_graph(model, path)
     return {"hidden_size": graph.hidden, "layer_nums": len(graph.layers), "model_type": config["model_type"],
             "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
-            "vocab_size": resident.model.config.vocab_size}
+            "vocab_size": resident.model.config.vocab_size, "chat_template": spec.engine.chat_template}

@@ -16,6 +16,7 @@ import libcst.matchers as m
 
 from surgery.codemod import Patch, Rule
 from surgery.export.arch import ArchSpec, native_block, native_rope
+from surgery.export.engine_spec import NATIVE_ENGINE
 from surgery.packs import ApplyOptions, Pack
 
 from .common_rules import IS_NOT_NONE, contains
@@ -207,6 +208,7 @@ NATIVE_SPEC = ArchSpec(
     call_block=native_block,
     num_kv_heads=lambda c: c.num_key_value_heads,
     head_dim=lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    engine=NATIVE_ENGINE,
 )
 
 

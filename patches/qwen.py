@@ -10,6 +10,7 @@ import libcst.matchers as m
 
 from surgery.codemod import Patch
 from surgery.export.arch import ArchSpec, qwen_block, qwen_rope
+from surgery.export.engine_spec import QWEN_ENGINE
 from surgery.packs import ApplyOptions, Pack
 
 from .causal_mask_rules import AddAttentionMask, RegisteredCausalMask, TrilCausalMask
@@ -99,6 +100,7 @@ EXPORT_SPEC = ArchSpec(
     call_block=qwen_block,
     num_kv_heads=lambda c: c.num_attention_heads,
     head_dim=lambda c: c.kv_channels,
+    engine=QWEN_ENGINE,
 )
 
 

@@ -90,6 +90,63 @@ def test_other_families(tmp_path: Path, family: str):
     assert MnnLlm(tmp_path / "mnn").engine(PROMPT, 16)["tokens"] == transformers_greedy(tmp_path / "src", PROMPT, 16)
 
 
+def export_qwen(root: Path, revision: str, seq: int = 32) -> Path:
+    """The tiny Qwen-v1 remote-code fixture in one upstream revision style, patched by the qwen pack and exported."""
+    from surgery.apply import plan_apply, write_plan
+    from surgery.export.exporter import ExportOptions, export_model
+    from surgery.fixtures.qwen_v1 import build
+    from surgery.packs import ApplyOptions, get_pack
+
+    src = build(root / "src", revision=revision)
+    write_plan(plan_apply(get_pack("qwen"), src, ApplyOptions(seq_length=seq, dtype="fp32")), root / "patched")
+    export_model(root / "patched", root / "onnx", ExportOptions(seq_length=seq, trust_remote_code=True))
+    return root / "onnx"
+
+
+def qwen_greedy(src: Path, work: Path, prompt: list[int], n: int, bf16_embedding: bool = False) -> list[int]:
+    """transformers' greedy tokens for the unpatched Qwen-v1 model (only the pack's load fixes; full recompute,
+    since generate() in transformers 5 rejects its tuple caches). `bf16_embedding`: its embedding rounded to
+    bf16 first, as the engine reads it from embeddings_bf16.bin (every other weight stays fp32)."""
+    from surgery.conformance import greedy, original_model
+    from surgery.packs import get_pack
+
+    model = original_model(get_pack("qwen"), src, work)
+    if bf16_embedding:
+        with torch.no_grad():
+            model.transformer.wte.weight.copy_(model.transformer.wte.weight.to(torch.bfloat16).float())
+    return greedy(model, prompt, n)
+
+
+@pytest.mark.parametrize("revision", ["2023-11", "2023-12"])
+def test_qwen_v1_remote_code(tmp_path: Path, revision: str):
+    """Qwen-v1 remote code (fused c_attn, its own RotaryEmbedding, `QWenAttention._attn` as the core, BSHD):
+    the engine greedy-decodes transformers' tokens. The bf16 embedding file moves one near tie of the fixture
+    (4.461 vs 4.449 at token 18 of this prompt), so the whole run is compared with the embedding as stored and
+    the fp32 model is matched for the first 16 tokens."""
+    onnx_dir = export_qwen(tmp_path, revision)
+    manifest = MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "fp32", 32))
+    assert manifest.compiled.parity[0]["cosine"] >= 0.9999  # engine logits vs onnxruntime's
+    llm = json.loads((tmp_path / "mnn" / "llm_config.json").read_text())
+    assert (llm["model_type"], llm["hidden_size"], llm["layer_nums"]) == ("qwen", 64, 2)
+    assert "<|im_start|>" in llm["jinja"]["chat_template"] and llm["jinja"]["eos"] == "<|im_end|>"  # ChatML
+    assert (tmp_path / "mnn" / "tokenizer.txt").read_text().splitlines()[0] == "430 3"  # byte-level BPE
+    got = MnnLlm(tmp_path / "mnn").engine(PROMPT, 24)["tokens"]
+    assert got == qwen_greedy(tmp_path / "src", tmp_path / "work", PROMPT, 24, bf16_embedding=True)
+    assert got[:16] == qwen_greedy(tmp_path / "src", tmp_path / "work", PROMPT, 16)
+
+
+def test_pack_without_engine_spec_is_refused():
+    """A pack whose ArchSpec declares no engine spec gets one line pointing at --layout graphs."""
+    from dataclasses import replace
+
+    from surgery.errors import SurgeryError
+    from surgery.export.engine import EngineGraph
+    from surgery.patches.native_rules import NATIVE_SPEC
+
+    with pytest.raises(SurgeryError, match="--layout graphs"):
+        EngineGraph(replace(NATIVE_SPEC, engine=None), torch.nn.Module(), "chatglm")
+
+
 def dequantized_rows(weight_file: Path, tie: list[int], vocab: int, hidden: int) -> np.ndarray:
     """The embedding as the engine's DiskEmbedding decodes it from `tie_embeddings` (diskembedding.cpp:
     4-bit values high nibble first, `q * scale + zero`, zero = alpha0 - 8 * scale for (alpha0, scale) pairs)."""
