@@ -148,7 +148,11 @@ class MnnAdapter(Adapter):
                           [TensorSpec("logits", [1, -1, built["vocab_size"]], f32)], sha256_file(out / L.MODEL),
                           data_file=L.WEIGHT, data_sha256=sha256_file(out / L.WEIGHT))
         files = [L.CONFIG, L.LLM_CONFIG, L.MODEL, L.WEIGHT, L.TOKENIZER, *([L.EMBEDDING] if tie is None else [])]
-        compiled = replace(manifest, graphs=[graph], backend="mnn")
+        conventions = {"input_ids": "the embeddings, float [seq, 1, hidden] (the engine looks them up)",
+                       "attention_mask": "the engine's: a scalar 0 on CPU, causality from its KV metadata",
+                       "position_ids": "int32 [1, seq]", "logits_index": "int32 [1]: the position whose logits",
+                       "kv_cache": "inside MNN's Attention op, kept by the engine", "final_norm": "llm"}
+        compiled = replace(manifest, graphs=[graph], backend="mnn", contract="engine", conventions=conventions)
         compiled.compiled = Compiled(
             adapter=self.name, chip="mnn", options=vars(options),
             toolchain={"mnn": installed("mnn")["versions"].get("mnn")}, files=files, check=options.check,

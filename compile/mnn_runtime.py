@@ -139,5 +139,4 @@ def open_mnn(directory: str | Path) -> MnnModel | MnnLlm:
     from surgery.manifest import Manifest
 
     manifest = Manifest.read(Path(directory))
-    layout = manifest.compiled.details.get("layout") if manifest.compiled else None
-    return MnnLlm(directory) if layout == "llm" else MnnModel(directory)
+    return MnnLlm(directory) if manifest.contract == "engine" else MnnModel(directory)

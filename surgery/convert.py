@@ -142,7 +142,8 @@ def bundle(out: Path, o: ConvertOptions, pack: str, owned: Output) -> None:
         "bos_token_id": manifest.bos_token_id, "eos_token_id": manifest.eos_token_id,
         "chat_template": manifest.chat_template, "tokenizer_files": manifest.tokenizer_files,
         "embedding": manifest.embedding_file or compiled.details.get("embedding"),
-        "mask_value": manifest.conventions["mask"]["value"], "kv_layout": manifest.conventions["kv_layout"],
-        "final_norm": manifest.conventions.get("final_norm", "lm_head"),
+        "contract": manifest.contract, "final_norm": manifest.conventions.get("final_norm", "lm_head"),
+        **({"mask_value": manifest.conventions["mask"]["value"], "kv_layout": manifest.conventions["kv_layout"]}
+           if manifest.contract == "blocks" else {"conventions": manifest.conventions}),
     }
     atomic_write_json(out / "runtime_config.json", runtime)

@@ -96,6 +96,10 @@ class Manifest:
         "decode_history": "history_k/v hold SEQ slots; write the new token's past_k/v at position len-1",
         "final_norm": "lm_head",  # or "last_block": the last layer's blocks end with it, lm_head is the product
     })
+    # which export contract the graphs follow: "blocks" (static per-block graphs, the conventions above; the host
+    # keeps the KV cache) or "engine" (one graph with a dynamic sequence that a vendor engine runs whole and
+    # whose KV cache it keeps itself, e.g. MNN's LLM engine; its conventions are the engine's)
+    contract: str = "blocks"
     source: dict = field(default_factory=dict)  # patched model dir, its surgery.json hashes
     versions: dict = field(default_factory=dict)
     schema: int = SCHEMA

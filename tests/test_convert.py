@@ -39,6 +39,7 @@ def test_axera_bundle_report_and_resume(model: Path, tmp_path: Path):
     assert stages == ["apply", "export", "optimize", "compile"]
     runtime = json.loads((out / "runtime_config.json").read_text())
     assert runtime["chip"] == "ax650" and runtime["seq_length"] == 32 and runtime["chat_template"]
+    assert runtime["contract"] == "blocks" and runtime["mask_value"] == -10000.0
     assert (out / "build.sh").is_file() and (out / "qwen2.embed_tokens.bf16.bin").is_file()  # the Pulsar2 kit
     assert sorted(p.name for p in (out / "configs").iterdir()) and (out / "onnx" / "qwen2_post.onnx").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "manifest.json").is_file()
@@ -61,6 +62,8 @@ def test_mnn_bundle_runs(model: Path, tmp_path: Path):
     convert(ConvertOptions("qwen2", model, out, seq_length=32, quantize="w8bf16", q_group_size=32, chip="mnn"))
     runtime = json.loads((out / "runtime_config.json").read_text())
     assert runtime["backend"] == "mnn" and all((out / f).is_file() for f in runtime["model_files"])
+    # one graph the engine runs whole, KV inside it: the manifest says which contract, and the runtime follows it
+    assert runtime["contract"] == "engine" and "kv_cache" in runtime["conventions"]
     assert len(open_runtime(out).generate([3, 5, 7, 11], 6).tokens) == 6
 
 
