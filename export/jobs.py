@@ -55,11 +55,18 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
     states = torch.randn(1, seq, hidden, dtype=dtype, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq, dtype=torch.int32)[None]
     table = {"wte.weight": f"{spec.embedding}.weight"}
+    scale = spec.embedding_scale(cfg) if spec.embedding_scale else None
+    divisor = spec.head_divisor(cfg) if spec.head_divisor else None
+    if scale is not None and not embedding_graphs:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError(f"this model multiplies its embeddings by {scale}, which a raw host-side table "
+                           "(--embedding-disk) would drop; export without --embedding-disk")
     jobs = [] if not embedding_graphs else [
-        Job("embedding", "embedding", Embedding(wte), {"input_ids": ids}, ["input_states"],
+        Job("embedding", "embedding", Embedding(wte, scale), {"input_ids": ids}, ["input_states"],
             needs=(spec.embedding,), tables=table),
-        Job("embedding_cache", "embedding_cache", Embedding(wte), {"input_ids": ids[:, :1]}, ["input_states"],
-            needs=(spec.embedding,), tables=table),
+        Job("embedding_cache", "embedding_cache", Embedding(wte, scale), {"input_ids": ids[:, :1]},
+            ["input_states"], needs=(spec.embedding,), tables=table),
     ]
     # two distinct tensors: torch.export merges inputs that are the same object into one graph input
     history_k, history_v = torch.randn(2, 1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
@@ -72,7 +79,7 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
                          "attention_mask": torch.zeros(1, 1, 1, seq + 1, dtype=dtype),
                          "history_k": history_k, "history_v": history_v},
                         ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
-    head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head))
+    head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head), divisor)
     jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"],
                     needs=(spec.final_norm, spec.lm_head), tables={"head.weight": f"{spec.lm_head}.weight"}))
     jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
