@@ -36,6 +36,14 @@ class ArchSpec:
     num_kv_heads: Callable[[object], int]
     head_dim: Callable[[object], int]
     engine: EngineSpec | None = None  # MNN's one-graph engine layout (export/engine_spec.py); None: not offered
+    # work the model does outside its layers, where the block contract cuts it (MiniCPM's muP scales): the
+    # embedding graph multiplies its rows by embedding_scale(config), the head divides the final hidden
+    # states by head_divisor(config) before the norm's output reaches lm_head; None: nothing
+    embedding_scale: Callable[[object], float] | None = None
+    head_divisor: Callable[[object], float] | None = None
+    # a row-wise fold of the head's weight rows, applied wherever export and verify read that table from the
+    # checkpoint (Baichuan2's NormHead: rows normalized once, so the graph is a plain product); None: rows as stored
+    head_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def part(self, model: torch.nn.Module, path: str):
         return attrgetter(path)(model)

@@ -9,14 +9,15 @@ from surgery.export.arch import ArchSpec
 
 
 class Embedding(torch.nn.Module):
-    """input_ids int32 [1, S] -> [1, S, H]."""
+    """input_ids int32 [1, S] -> [1, S, H], times the family's embedding scale when it has one."""
 
-    def __init__(self, wte: torch.nn.Module) -> None:
+    def __init__(self, wte: torch.nn.Module, scale: float | None = None) -> None:
         super().__init__()
-        self.wte = wte
+        self.wte, self.scale = wte, scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.wte(input_ids)
+        rows = self.wte(input_ids)
+        return rows if self.scale is None else rows * self.scale
 
 
 class _Block(torch.nn.Module):
@@ -50,14 +51,15 @@ class Decode(_Block):
 
 
 class LmHead(torch.nn.Module):
-    """hidden_states [1, H] -> logits [1, vocab] (final norm + head)."""
+    """hidden_states [1, H] -> logits [1, vocab] (final norm, the family's divisor if any, head)."""
 
-    def __init__(self, norm: torch.nn.Module, head: torch.nn.Module) -> None:
+    def __init__(self, norm: torch.nn.Module, head: torch.nn.Module, divisor: float | None = None) -> None:
         super().__init__()
-        self.norm, self.head = norm, head
+        self.norm, self.head, self.divisor = norm, head, divisor
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden_states))
+        hidden = self.norm(hidden_states)
+        return self.head(hidden if self.divisor is None else hidden / self.divisor)
 
 
 class GreedyHead(torch.nn.Module):

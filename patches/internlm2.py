@@ -17,7 +17,7 @@ from surgery.export.arch import ArchSpec
 from surgery.packs import ApplyOptions, Pack
 
 from .common_rules import CallFirstInMethod
-from .llama_remote_rules import PresentBeforeCacheConcat, RotaryFromKwargs
+from .llama_remote_rules import PresentBeforeCacheConcat, RotaryFromKwargs, tuple_cache_block
 
 # transformers 5 builds the model on the meta device and leaves non-persistent buffers (the rotary inv_freq
 # and cos/sin tables) as uninitialised memory, then calls `_init_weights` on the modules holding them
@@ -52,27 +52,13 @@ def internlm2_rope(model, seq: int):
     return cos[:seq].detach().clone(), sin[:seq].detach().clone()
 
 
-def internlm2_block(block, hidden, cos, sin, mask, past):
-    """An `InternLM2DecoderLayer` patched by this pack. It keeps K/V as [B, kv_heads, S, D] and indexes its
-    cos/sin table by position_ids: the rows given are this step's, so it gets them as a table of S rows
-    indexed 0..S-1. The contract's K/V are [B, S, kv_heads, D]."""
-    import torch
-
-    positions = torch.arange(hidden.shape[1])[None]
-    cache = None if past is None else (past[0].transpose(1, 2), past[1].transpose(1, 2))
-    out = block(hidden, attention_mask=mask, position_ids=positions, past_key_value=cache, use_cache=True,
-                position_embeddings=(cos[0], sin[0]))
-    k, v = out[1]
-    return out[0], k.transpose(1, 2), v.transpose(1, 2)
-
-
 EXPORT_SPEC = ArchSpec(
     embedding="model.tok_embeddings",
     layers="model.layers",
     final_norm="model.norm",
     lm_head="output",
     rope_tables=internlm2_rope,
-    call_block=internlm2_block,
+    call_block=tuple_cache_block,
     num_kv_heads=lambda c: c.num_key_value_heads,
     head_dim=lambda c: c.hidden_size // c.num_attention_heads,
 )

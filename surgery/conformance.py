@@ -57,10 +57,15 @@ def block_logits(model: torch.nn.Module, spec: ArchSpec, ids: torch.Tensor) -> t
     s = ids.shape[1]
     cos, sin = spec.rope_tables(model, s)
     hidden = spec.part(model, spec.embedding)(ids)
+    if spec.embedding_scale:
+        hidden = hidden * spec.embedding_scale(model.config)
     mask = torch.full((s, s), MASK_VALUE).triu(1)[None, None]
     for block in spec.part(model, spec.layers):
         hidden, _, _ = spec.call_block(block, hidden, cos[None], sin[None], mask, None)
-    return spec.part(model, spec.lm_head)(spec.part(model, spec.final_norm)(hidden))
+    hidden = spec.part(model, spec.final_norm)(hidden)
+    if spec.head_divisor:
+        hidden = hidden / spec.head_divisor(model.config)
+    return spec.part(model, spec.lm_head)(hidden)
 
 
 @torch.no_grad()
