@@ -44,9 +44,11 @@ def _tables_for(job: Job, resident: Resident, options: ExportOptions, files: dic
     tables = {}
     for name, path in job.tables.items():
         key = resident.aliases.get(path, path)
-        files.setdefault(key, f"{job.name}.onnx.data")
+        fold = job.folds.get(name)
+        slot = key if fold is None else f"{key} (folded)"  # a folded head never shares an embedding's file
+        files.setdefault(slot, f"{job.name}.onnx.data")
         dtype = DTYPES[options.table_dtype or options.dtype]
-        tables[name] = Table(key, files[key], dtype, tuple(resident.index.shape(key)))
+        tables[name] = Table(key, files[slot], dtype, tuple(resident.index.shape(key)), fold=fold)
     return tables
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,7 @@ class Job:
     layer: int | None = None
     needs: tuple[str, ...] = ()  # submodules whose weights must be loaded
     tables: dict[str, str] = field(default_factory=dict)  # wrapper parameter -> model parameter (vocab tables)
+    folds: dict[str, Callable] = field(default_factory=dict)  # wrapper parameter -> row fold of its table
 
 
 def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
@@ -81,7 +83,8 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
                         ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
     head = LmHead(spec.part(model, spec.final_norm), spec.part(model, spec.lm_head), divisor)
     jobs.append(Job("lm_head", "lm_head", head, {"hidden_states": states[0, :1]}, ["m_logits"],
-                    needs=(spec.final_norm, spec.lm_head), tables={"head.weight": f"{spec.lm_head}.weight"}))
+                    needs=(spec.final_norm, spec.lm_head), tables={"head.weight": f"{spec.lm_head}.weight"},
+                    folds={"head.weight": spec.head_rows} if spec.head_rows else {}))
     jobs.append(Job("greedy_head", "greedy_head", GreedyHead(),
                     {"m_logits": torch.randn(1, cfg.vocab_size, dtype=dtype)}, ["token"]))
     jobs.append(Job("sample_head", "sample_head", SampleHead(),

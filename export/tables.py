@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,12 @@ class Table:
     file: str  # file name in the export directory
     dtype: torch.dtype
     shape: tuple[int, ...]
+    # applied to each chunk of rows (in fp32) before it is converted and stored: ArchSpec.head_rows
+    fold: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+
+    def rows(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Checkpoint rows as this table stores them: folded if it folds, then in its dtype."""
+        return (chunk if self.fold is None else self.fold(chunk.float())).to(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -68,7 +74,7 @@ def rows_for_ids(index: SafetensorsIndex, table: Table, ids: torch.Tensor) -> tu
     """The table rows a batch of ids uses, and the ids renumbered into those rows (for references that
     must not load the whole table)."""
     unique, remapped = torch.unique(ids.long(), return_inverse=True)
-    rows = torch.cat([index.rows(table.key, int(i), int(i) + 1) for i in unique]).to(table.dtype)
+    rows = table.rows(torch.cat([index.rows(table.key, int(i), int(i) + 1) for i in unique]))
     return rows, remapped.to(ids.dtype)
 
 
@@ -76,4 +82,4 @@ def row_chunks(index: SafetensorsIndex, table: Table, rows: int = ROWS_PER_CHUNK
     """The table in consecutive row chunks, converted to its stored dtype (round to nearest even)."""
     with index.open(table.key) as source:
         for start in range(0, table.shape[0], rows):
-            yield source[start:min(start + rows, table.shape[0])].to(table.dtype)
+            yield table.rows(source[start:min(start + rows, table.shape[0])])

@@ -46,7 +46,7 @@ def reference(job: Job, feeds: dict[str, np.ndarray], resident: Resident, table_
     resident.hold(job.needs, skip=set(job.tables.values()))
     (name, path), = job.tables.items()
     key = resident.aliases.get(path, path)
-    table = Table(key, "", table_dtype, tuple(resident.index.shape(key)))
+    table = Table(key, "", table_dtype, tuple(resident.index.shape(key)), fold=job.folds.get(name))
     if job.kind in ("embedding", "embedding_cache"):
         rows, ids = rows_for_ids(resident.index, table, args[0])
         return _with_table(job, name, rows.to(resident.dtype), [ids, *args[1:]])
