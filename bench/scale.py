@@ -57,10 +57,10 @@ def graph_seconds(out: Path) -> dict[str, dict[str, float]]:
     what docs/scaling.md multiplies out for bigger models."""
     details = (json.loads((out / "manifest.json").read_text()).get("compiled") or {}).get("details", {})
     kinds: dict[str, dict[str, list[float]]] = {}
-    for name, route in details.get("routes", {}).items():
+    for name in details.get("routes", {}):
         kind = name.rstrip("0123456789").rstrip("_")
-        if "seconds" in route:
-            kinds.setdefault(kind, {}).setdefault("build", []).append(sum(route["seconds"].values()))
+        if name in details.get("build_seconds", {}):
+            kinds.setdefault(kind, {}).setdefault("build", []).append(sum(details["build_seconds"][name].values()))
         if name in details.get("simulate_seconds", {}):
             kinds.setdefault(kind, {}).setdefault("simulate", []).append(details["simulate_seconds"][name])
     return {kind: {what: sum(v) / len(v) for what, v in times.items()} for kind, times in kinds.items()}

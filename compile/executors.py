@@ -10,6 +10,7 @@ as a local build's. Needs `pip install llm-surgery[ray]` and the sophgo toolchai
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +60,16 @@ class GraphBuilder:
         for name, digest in job.inputs.items():
             (source / name).symlink_to(self.store / digest)
         self.worker = self.worker or TpuMlirWorker()
-        return build(self.worker, job, source, self.root / "work", self.cache).read_bytes()
+        try:
+            return build(self.worker, job, source, self.root / "work", self.cache).read_bytes()
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop the compiler worker and drop this host's scratch (inputs, work); its cache stays."""
+        if self.worker:
+            self.worker.close()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class RayExecutor:
@@ -110,3 +120,9 @@ class RayExecutor:
                 tmp.replace(path)
             paths.append(path)
         return paths
+
+    def close(self) -> None:
+        """Let every actor clean its host's scratch, then end the actors."""
+        self.ray.get([actor.close.remote() for actor in self.actors])
+        for actor in self.actors:
+            self.ray.kill(actor)

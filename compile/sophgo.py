@@ -88,8 +88,8 @@ class SophgoAdapter(Adapter):
             compiled.compiled = Compiled(
                 adapter=self.name, chip=options.chip, options=vars(options), toolchain={"tpu_mlir": version},
                 files=[name], check=options.check,
-                details={"routes": {j.name: {"route": j.route, "deploy": j.deploy, "cache_key": j.key,
-                                             **built_seconds(work / j.name)} for j in jobs}})
+                details={"routes": {j.name: {"route": j.route, "deploy": j.deploy, "cache_key": j.key} for j in jobs},
+                         "build_seconds": built_seconds(work, jobs)})
             compiled.write(out)
             rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
                             sampled(manifest, options.check), manifest.vocab_size, work,
@@ -101,10 +101,11 @@ class SophgoAdapter(Adapter):
         return finish(out, compiled, rows, floors, 0.0, f"{options.chip} on the simulator")
 
 
-def built_seconds(gdir: Path) -> dict:
-    """{"seconds": {"transform": s, "deploy": s}} for a graph this run built; nothing for a cached one."""
-    timing = gdir / "seconds.json"
-    return {"seconds": json.loads(timing.read_text())} if timing.is_file() else {}
+def built_seconds(work: Path, jobs: list) -> dict[str, dict[str, float]]:
+    """{graph: {"transform": s, "deploy": s}} for the graphs this machine built in this run (not cached ones,
+    nor those a Ray cluster built): what a graph of each kind costs at this size (bench/scale.py)."""
+    timings = {j.name: work / j.name / "seconds.json" for j in jobs}
+    return {name: json.loads(path.read_text()) for name, path in timings.items() if path.is_file()}
 
 
 def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs: list[GraphSpec], vocab: int,

@@ -5,6 +5,7 @@ inside a TPU-MLIR worker). Greedy uses the bmodel's `greedy_head`; sampling its 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,3 +40,5 @@ class SophgoModel(Runtime):
     def __del__(self) -> None:
         if hasattr(self, "worker"):
             self.worker.close()
+        if hasattr(self, "scratch"):
+            shutil.rmtree(self.scratch, ignore_errors=True)

@@ -97,7 +97,11 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
             from surgery.compile.executors import RayExecutor
 
             executor = RayExecutor(o.address, o.jobs)
-        compiled = adapter.compile(stages_dir / "optimize", dst, o.compile_options(), executor=executor)
+        try:
+            compiled = adapter.compile(stages_dir / "optimize", dst, o.compile_options(), executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
         return {"parity": compiled.compiled.parity}
 
     model_hash = sha256_text(json.dumps({p.name: [p.stat().st_size, int(p.stat().st_mtime)]

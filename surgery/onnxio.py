@@ -22,6 +22,7 @@ from surgery.errors import SurgeryError
 
 EXTERNAL_DATA_ABOVE = 4 << 20  # bytes of weights above which a graph keeps them in <graph>.onnx.data (every
 # block of a real model: later stages then never load, copy or re-serialize them)
+CHUNK = 64 << 20  # bytes made contiguous at once when writing a large 2-D tensor
 ALIGN = 64  # byte alignment of each tensor in a data file (lets runtimes map tensors in place)
 
 
@@ -75,11 +76,17 @@ class DataWriter:
         if pad:
             self.fh.write(b"\0" * pad)
             self.offset += pad
-        data = raw_bytes(tensor)
-        self.fh.write(data)
-        init = external_tensor(name, tensor_dtype(tensor), tensor.shape, self.location, self.offset, data.nbytes)
-        self.offset += data.nbytes
-        return init
+        # a large transposed weight (a vocabulary head folded to [H, V]) is made contiguous a block of rows at
+        # a time: a whole contiguous copy would double the biggest tensor an export holds
+        total = tensor.nbytes if isinstance(tensor, np.ndarray) else tensor.numel() * tensor.element_size()
+        step = max(1, CHUNK * tensor.shape[0] // total) if tensor.ndim == 2 and total > CHUNK else 0
+        start, nbytes = self.offset, 0
+        for rows in ([tensor[i:i + step] for i in range(0, tensor.shape[0], step)] if step else [tensor]):
+            data = raw_bytes(rows)
+            self.fh.write(data)
+            nbytes += data.nbytes
+        self.offset += nbytes
+        return external_tensor(name, tensor_dtype(tensor), tensor.shape, self.location, start, nbytes)
 
     def close(self) -> None:
         self.fh.close()
@@ -205,10 +212,17 @@ def rename_locations(model: onnx.ModelProto, renames: Mapping[str, str]) -> None
                 entry.value = renames[entry.value]
 
 
+LOOKUP_OPS = {"Gather", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity"}  # a plain row lookup
+
+
 def table_of(path: Path) -> np.ndarray:
     """The 2-D weight a graph gathers from (its vocabulary table), memory-mapped when it is external, as a
     numpy array (bfloat16 comes back as its uint16 bit patterns)."""
     model = load_structure(path)
+    extra = [n.op_type for n in model.graph.node if n.op_type not in LOOKUP_OPS]
+    if extra:  # e.g. MiniCPM's scale_emb: the rows alone are not the embedding
+        raise SurgeryError(f"{path.name} does more than look rows up ({', '.join(sorted(set(extra)))}), so its "
+                           "table alone is not the embedding; use a chip whose runtime runs the embedding graph")
     gather = next((n for n in model.graph.node if n.op_type == "Gather"), None)
     init = next((t for t in model.graph.initializer if gather is not None and t.name == gather.input[0]), None)
     if init is None or len(init.dims) != 2:

@@ -124,3 +124,22 @@ def test_build_script_puts_models_where_the_runtime_config_looks(onnx_dir: Path,
         stem = config["template_filename_axmodel"].replace("%d", str(layer)).removesuffix("_together.axmodel")
         # the halves sit beside the name the runtime loads; joining them is the open step (docs/axera.md)
         assert all((kit / f"{stem}_{half}.axmodel").is_file() for half in ("prefill", "decode"))
+
+
+def test_a_scaled_embedding_is_not_taken_for_its_table(tmp_path: Path):
+    """MiniCPM's embedding graph multiplies the rows (scale_emb): the kit's raw table would silently drop it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from surgery.onnxio import table_of
+
+    table = numpy_helper.from_array(np.ones((8, 4), np.float32), "table")
+    scale = numpy_helper.from_array(np.array(12.0, np.float32), "scale")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("Mul", ["rows", "scale"], ["y"])]
+    graph = helper.make_graph(nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4])], [table, scale])
+    onnx.save(helper.make_model(graph), tmp_path / "scaled.onnx")
+    with pytest.raises(SurgeryError, match=r"does more than look rows up \(Mul\)"):
+        table_of(tmp_path / "scaled.onnx")
+    onnx.save(helper.make_model(helper.make_graph(nodes[:1], "embedding", graph.input, [
+        helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, 2, 4])], [table])), tmp_path / "plain.onnx")
+    assert table_of(tmp_path / "plain.onnx").shape == (8, 4)

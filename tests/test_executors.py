@@ -9,6 +9,7 @@ differ the same way. So static nets must match byte for byte, dynamic ones in si
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ def test_ray_executor_matches_the_local_pool(tmp_path: Path, monkeypatch: pytest
     from surgery.compile.sophgo import ADAPTER as SOPHGO
 
     onnx_dir = export_native("llama", tmp_path / "model", 16, initializer_range=0.02)
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("surgery-ray-*")}
     options = CompileOptions("bm1684x", "w4bf16", 32, check="none")
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache-local"))
     local = SOPHGO.compile(onnx_dir, tmp_path / "local", options)
@@ -57,5 +59,8 @@ def test_ray_executor_matches_the_local_pool(tmp_path: Path, monkeypatch: pytest
         again = SOPHGO.compile(onnx_dir, tmp_path / "ray2", options, executor=executor)
         assert unstamped(tmp_path / "ray2" / again.compiled.files[0]) == unstamped(b)  # the same cached nets
         assert not list((tmp_path / "ray2" / "work").glob("*/compile.log"))
+        executor.close()  # each host's scratch (inputs, work) goes; its cache stays
+        assert not [p for p in Path(tempfile.gettempdir()).glob("surgery-ray-*") if p.name not in before]
+        assert list((tmp_path / "cache-host" / "sophgo").glob("*.bmodel"))
     finally:
         ray.shutdown()

@@ -73,7 +73,12 @@ def compile_cmd(
     adapter = adapter_for(chip)
     options = CompileOptions(chip, quantize, group_size, symmetric, num_core, num_device, jobs, check.value, layout)
     adapter.preflight(options)
-    manifest = adapter.compile(onnx_dir, out_dir, options, executor=_executor(executor, address, jobs))
+    farm = _executor(executor, address, jobs)
+    try:
+        manifest = adapter.compile(onnx_dir, out_dir, options, executor=farm)
+    finally:
+        if farm is not None:
+            farm.close()
     compiled = manifest.compiled
     if as_json:
         emit_json({"out": str(out_dir), "chip": chip, "adapter": adapter.name, "files": compiled.files,
