@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 from surgery.conformance import check_pack
-from surgery.fixtures import chatglm, internlm2, minicpm
+from surgery.fixtures import baichuan, chatglm, internlm2, minicpm
 from surgery.fixtures.native import FAMILIES, build_native
 from surgery.fixtures.qwen_v1 import REVISIONS, build
 from surgery.packs import all_packs
 
 CASES = [*(("qwen", revision) for revision in REVISIONS), *(("chatglm", r) for r in chatglm.REVISIONS),
          *(("internlm2", r) for r in internlm2.REVISIONS), *(("minicpm", r) for r in minicpm.REVISIONS),
+         *(("baichuan", r) for r in baichuan.REVISIONS),
          *((family, None) for family in FAMILIES)]
 # remote-code families, built per revision style
-BUILDERS = {"qwen": build, "chatglm": chatglm.build, "internlm2": internlm2.build, "minicpm": minicpm.build}
+BUILDERS = {"qwen": build, "chatglm": chatglm.build, "internlm2": internlm2.build, "minicpm": minicpm.build,
+            "baichuan": baichuan.build}
 
 
 def test_every_pack_has_a_case():

@@ -106,8 +106,8 @@ def list_cmd(as_json: Json = False) -> None:
 
 @app.command("fixture")
 def fixture_cmd(
-    kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm, internlm2, minicpm (remote code), llama, qwen2, "
-                                             "qwen3, mistral, phi3.")],
+    kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm, internlm2, minicpm, baichuan (remote "
+                                             "code), llama, qwen2, qwen3, mistral, phi3.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
                                                       "(default: qwen 2023-11, chatglm 2023-07; a wrong one lists "
@@ -119,7 +119,7 @@ def fixture_cmd(
 
     Example: surgery fixture qwen --out ./tiny-qwen --revision 2023-12
     """
-    from surgery.fixtures import chatglm, internlm2, minicpm, qwen_v1
+    from surgery.fixtures import baichuan, chatglm, internlm2, minicpm, qwen_v1
     from surgery.fixtures.native import FAMILIES, build_native
     from surgery.fsutil import staged_directory
     from surgery.outputs import claim, write_record
@@ -127,7 +127,8 @@ def fixture_cmd(
     remote = {"qwen": (qwen_v1.build, qwen_v1.REVISIONS, "2023-11"),
               "chatglm": (chatglm.build, chatglm.REVISIONS, "2023-07"),
               "internlm2": (internlm2.build, internlm2.REVISIONS, "2024-01"),
-              "minicpm": (minicpm.build, minicpm.REVISIONS, "2024-02")}  # family -> builder, styles, default
+              "minicpm": (minicpm.build, minicpm.REVISIONS, "2024-02"),
+              "baichuan": (baichuan.build, baichuan.REVISIONS, "7b")}  # family -> builder, styles, default
     if kind not in remote and kind not in FAMILIES:
         raise SurgeryError(f"no fixture named {kind!r}; available: {', '.join([*remote, *FAMILIES])}")
     if kind in remote:
