@@ -142,11 +142,14 @@ class Streamed(Mapping):
     """Parameters by name, each loaded when asked for: the layer owning it is held, the previous dropped."""
 
     def __init__(self, graph: EngineGraph, resident: Resident, names: list[str]) -> None:
-        self.graph, self.resident, self.names = graph, resident, names
+        self.graph, self.resident, self.names, self.known = graph, resident, names, set(names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self.resident.hold([self.graph.owner(name)])
         return self.graph.get_parameter(name).data
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default loads the value (a second pass of every layer)
+        return name in self.known
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)

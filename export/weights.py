@@ -110,10 +110,11 @@ class Resident:
                                    "the checkpoint does not match config.json")
             read = self.index.read(set(keys.values()))
             tensors = {full: read[key] for full, key in keys.items()}
+            del read  # each checkpoint tensor is freed once converted (a bf16 head and its fp32 copy not both)
         for full, owner, leaf in params:
             old = owner._parameters[leaf]
             if load:
-                value = tensors[full].to(self.dtype)
+                value = tensors.pop(full).to(self.dtype)
                 if tuple(value.shape) != tuple(old.shape):
                     raise SurgeryError(f"{full} has shape {tuple(value.shape)} in the weights but "
                                        f"{tuple(old.shape)} in the model; the checkpoint does not match config.json")
