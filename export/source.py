@@ -49,7 +49,18 @@ def check_source(model_dir: Path, options: ExportOptions) -> dict:
     return config
 
 
+def forget_remote_classes() -> None:
+    """transformers registers a remote-code model class under its config class, and two models whose
+    configuration files are byte-identical share one config class: in one process, the second load then gets
+    the first model's modeling code (measured: a 2023-09 Qwen loaded after a 2023-11 one ran the 2023-11
+    file). Forgetting those registrations makes every load resolve its own `auto_map`."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM._model_mapping._extra_content.clear()
+
+
 def _loading(model_dir: Path, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    forget_remote_classes()
     try:
         return build().eval()
     except (OSError, ValueError, RuntimeError) as exc:

@@ -39,6 +39,9 @@ class Conformance:
 def load(path: Path, remote: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from surgery.export.source import forget_remote_classes
+
+    forget_remote_classes()  # each revision's own code, though their configuration files are identical
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote, dtype=torch.float32).eval()
 
 
