@@ -56,6 +56,11 @@ class Adapter:
         """The `surgery optimize` pipeline for a chip (surgery/passes/pipelines.py)."""
         return chip
 
+    def compiles_graphs(self, options: CompileOptions) -> bool:
+        """Whether `compile` consumes the optimized graphs. An engine layout built from the patched model
+        (MNN's) reads only the manifest and, for its check, the exported graphs: optimizing is wasted work."""
+        return True
+
     def table_dtype(self, options: CompileOptions) -> str | None:
         """The dtype export should store vocabulary tables in for this compiler (None: the graphs')."""
         return None

@@ -65,6 +65,9 @@ class MnnAdapter(Adapter):
     quantizations = ("fp32", *QUANTIZATIONS)
     layouts = ("runtime", "graphs")
 
+    def compiles_graphs(self, options: CompileOptions) -> bool:
+        return options.layout == "graphs"  # the engine graph is traced from the patched model
+
     def target(self, chip: str) -> str:
         return "mnn"
 

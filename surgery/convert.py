@@ -88,6 +88,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         from surgery.optimize import optimize_dir
 
         link_tree(stages_dir / "export", dst)
+        if not adapter.compiles_graphs(o.compile_options()):
+            return {"graphs": {}, "skipped": f"{adapter.name} builds its {o.layout} layout from the patched model"}
         reports = optimize_dir(dst, adapter.target(o.chip), keep=False, check=o.check)
         return {"graphs": {r.graph: {"cosine": r.cosine, "counts": r.counts} for r in reports}}
 
@@ -110,7 +112,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     stages = [
         Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length}),
         Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check}),
-        Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check}),
+        Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check,
+                                         "passes": adapter.compiles_graphs(o.compile_options())}),
         Stage("compile", do_compile, opts),
     ]
     if o.executor == "local":

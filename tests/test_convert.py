@@ -64,6 +64,9 @@ def test_mnn_bundle_runs(model: Path, tmp_path: Path):
     assert runtime["backend"] == "mnn" and all((out / f).is_file() for f in runtime["model_files"])
     # one graph the engine runs whole, KV inside it: the manifest says which contract, and the runtime follows it
     assert runtime["contract"] == "engine" and "kv_cache" in runtime["conventions"]
+    # the engine graph is traced from the patched model: no optimize passes run for it
+    stages = json.loads((out / "convert.json").read_text())["stages"]
+    assert stages["optimize"]["result"]["graphs"] == {} and "patched model" in stages["optimize"]["result"]["skipped"]
     assert len(open_runtime(out).generate([3, 5, 7, 11], 6).tokens) == 6
 
 
