@@ -79,7 +79,10 @@ def rows_for_ids(index: SafetensorsIndex, table: Table, ids: torch.Tensor) -> tu
 
 
 def row_chunks(index: SafetensorsIndex, table: Table, rows: int = ROWS_PER_CHUNK) -> Iterator[torch.Tensor]:
-    """The table in consecutive row chunks, converted to its stored dtype (round to nearest even)."""
-    with index.open(table.key) as source:
-        for start in range(0, table.shape[0], rows):
-            yield table.rows(source[start:min(start + rows, table.shape[0])])
+    """The table in consecutive row chunks, converted to its stored dtype (round to nearest even). Each chunk
+    is read through its own handle: safetensors maps the file, and one mapping kept open across the table
+    leaves every page read so far resident (measured: +650 MB of RSS for a 151936 x 2048 bf16 table)."""
+    for start in range(0, table.shape[0], rows):
+        with index.open(table.key) as source:
+            chunk = source[start:min(start + rows, table.shape[0])]
+        yield table.rows(chunk)
