@@ -5,15 +5,12 @@ worker instead of twice per graph.
     python tpumlir_worker.py        # requests on stdin, one JSON object per line; answers the same way
 
 Ops (every path absolute; each job runs in its own working directory, its output appended to `log`):
-  transform  {workdir, log, name, onnx, shapes}        ONNX -> top MLIR, lean: no onnxsim pass (optimize
-                                                        folded the graph), no QAT-check reload or `_opt.onnx`
-                                                        re-save; external weights memory-mapped, not copied
+  transform  {workdir, log, name, onnx, shapes}        ONNX -> top MLIR, lean: no onnxsim, QAT-check reload
+                                                        or `_opt.onnx` re-save; external weights mapped
   table      {workdir, log, name, kind, table, npz, weight_type, in_shape, out_shape}
-                                                        a graph that is only a vocabulary-table lookup
-                                                        (`gather`) or product (`matmul`) -> top MLIR built
-                                                        directly on a shared weight file (as llm_convert
-                                                        does), so nets on one table get byte-identical
-                                                        weights that `model_tool --combine` stores once
+                                                        a table lookup (`gather`) or product (`matmul`) ->
+                                                        top MLIR on a shared weight file (as llm_convert),
+                                                        so `model_tool --combine` stores the table once
   deploy     {workdir, log, args}                       model_deploy with its command-line arguments
   simulate   {log, bmodel, net, inputs, outputs}        one net on the CPU simulator (.npz in and out)
 """
@@ -90,10 +87,15 @@ def lean_load_onnx_model(self, onnx_file, input_shapes, output_names, static_sha
     model = onnx.load(onnx_file, load_external_data=False)
     base = os.path.dirname(os.path.abspath(onnx_file))
     external = {t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
-    for t in external.values():  # so any later numpy_helper.to_array() finds the file from another cwd
-        for entry in t.external_data:
+    for t in external.values():  # onnx_opt's numpy_helper.to_array() resolves from the cwd (the job's workdir)
+        for entry in t.external_data:  # and strips a leading "/" or "..": link the file in under a plain name
             if entry.key == "location":
-                entry.value = os.path.join(base, entry.value)
+                target, link = os.path.join(base, entry.value), os.path.basename(entry.value)
+                if os.path.realpath(link) != os.path.realpath(target):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(link)
+                    os.symlink(target, link)
+                entry.value = link
     self.model = model
     if output_names:
         self.select_output(output_names)
@@ -112,7 +114,7 @@ def lean_load_onnx_model(self, onnx_file, input_shapes, output_names, static_sha
     self.input_types = self.get_input_types(self.model)
     self.output_types = self.get_output_types(self.model)
     for tensor in self.model.graph.initializer:
-        data = _external_array(tensor, "/") if tensor.name in external else \
+        data = _external_array(tensor, os.getcwd()) if tensor.name in external else \
             numpy_helper.to_array(tensor).astype(np.float32)
         self.addWeight(tensor.name, data)
     self.get_output_name(self.model.graph)
@@ -134,18 +136,15 @@ def job(tools, workdir, log):
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    os.dup2(fd, 1), os.dup2(fd, 2), os.close(fd)
     try:
         yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
+        for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
         os.chdir(old)
         tools.auto_remove.g_auto_remove_files.clear()  # a global list TPU-MLIR never clears
         gc.collect()
