@@ -18,11 +18,11 @@ from .baichuan_rules import (
     EagerSdpa,
     FoldedNormHead,
     ImportOrNone,
-    PresentBeforeCacheConcat,
     TensorsOnCpuInInit,
     UnwrapOneTuple,
 )
 from .common_rules import KeepElseOfFlagBranch
+from .llama_remote_rules import PresentBeforeCacheConcat
 
 PATCHES = [
     Patch("xformers-off", "drop the xformers branch (its LowerTriangularMask is a built-in causal mask), keep eager",

@@ -14,8 +14,6 @@ import libcst.matchers as m
 
 from surgery.codemod import Rule
 
-from .common_rules import IS_NOT_NONE, contains
-
 
 def _code(node: cst.CSTNode) -> str:
     return cst.Module([]).code_for_node(node)
@@ -61,37 +59,6 @@ class EagerSdpa(Rule):
         body = list(updated.body.body)
         body[0] = body[0].with_changes(leading_lines=[*updated.leading_lines, *body[0].leading_lines])
         return cst.FlattenSentinel(body)
-
-
-class PresentBeforeCacheConcat(Rule):
-    """Take `present = (k, v) if <cond> else None` before `if <cache> is not None: ... torch.cat(...)` and make
-    the later `<cache> = (k, v) if <cond> else None` return it: the layer then hands back this step's K/V
-    only (the host keeps the history), not the concatenated cache."""
-
-    def __init__(self, cache: str = "past_key_value") -> None:
-        super().__init__()
-        pair = m.Tuple([m.Element(m.Name()), m.Element(m.Name())])
-        self.concat = m.If(test=m.Comparison(left=m.Name(cache), comparisons=[IS_NOT_NONE]),
-                           body=contains(m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("cat")))))
-        self.store = m.SimpleStatementLine([m.Assign(targets=[m.AssignTarget(m.Name(cache))],
-                                                     value=m.IfExp(body=pair, orelse=m.Name("None")))])
-        self.cache = cache
-        self.name = "present-before-concat"
-        self.anchor = f"`if {cache} is not None: ... torch.cat(...)` then `{cache} = (k, v) if ... else None`"
-
-    def leave_IndentedBlock(self, original: cst.IndentedBlock, updated: cst.IndentedBlock) -> cst.IndentedBlock:
-        body = list(updated.body)
-        at = next((i for i, s in enumerate(body) if m.matches(s, self.concat)), None)
-        store = next((i for i, s in enumerate(body) if m.matches(s, self.store)), None)
-        if at is None or store is None or store < at:
-            return updated
-        value = body[store].body[0].value
-        present = cst.parse_statement(f"present = {_code(value)}\n").with_changes(leading_lines=body[at].leading_lines)
-        assign = body[store].body[0].with_changes(value=cst.Name("present"))
-        body[store] = self.mark(body[store].with_changes(body=[assign]), "return this step's K/V", same_site=True)
-        body[at] = body[at].with_changes(leading_lines=[])
-        body.insert(at, self.mark(present, "this step's K/V, before the cache is concatenated"))
-        return updated.with_changes(body=body)
 
 
 class FoldedNormHead(Rule):

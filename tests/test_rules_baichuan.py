@@ -9,7 +9,6 @@ from surgery.patches.baichuan_rules import (
     EagerSdpa,
     FoldedNormHead,
     ImportOrNone,
-    PresentBeforeCacheConcat,
     TensorsOnCpuInInit,
     UnwrapOneTuple,
 )
@@ -44,33 +43,6 @@ def test_eager_sdpa_positional_mask_and_refusals():
     assert_rule(EagerSdpa, "with torch.backends.cuda.sdp_kernel():\n    o = attend(q, k, v)\n", None)
 
 
-def test_present_before_cache_concat():
-    assert_rule(PresentBeforeCacheConcat, """
-        def forward(self, key_states, value_states, past_key_value, use_cache):
-            if past_key_value is not None:
-                key_states = torch.cat([past_key_value[0], key_states], dim=2)
-                value_states = torch.cat([past_key_value[1], value_states], dim=2)
-
-            past_key_value = (key_states, value_states) if use_cache else None
-            return key_states, past_key_value
-    """, """
-        def forward(self, key_states, value_states, past_key_value, use_cache):
-            # surgery: test/rule: this step's K/V, before the cache is concatenated
-            present = (key_states, value_states) if use_cache else None
-            if past_key_value is not None:
-                key_states = torch.cat([past_key_value[0], key_states], dim=2)
-                value_states = torch.cat([past_key_value[1], value_states], dim=2)
-
-            # surgery: test/rule: return this step's K/V
-            past_key_value = present
-            return key_states, past_key_value
-    """)
-    assert_rule(PresentBeforeCacheConcat, """
-        def forward(self, k, v, past_key_value, use_cache):
-            past_key_value = (k, v) if use_cache else None
-            if past_key_value is not None:
-                k = torch.cat([past_key_value[0], k], dim=2)
-    """, None)
 
 
 def test_folded_norm_head():
