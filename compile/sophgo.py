@@ -44,7 +44,8 @@ SIMULATE_COST = {"lm_head": 21.0, "block": 15.0, "block_cache": 12.0, "embedding
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", home().parent / "cache")) / "sophgo"
+    # absolute: the combine step runs in the output directory, so a relative $SURGERY_CACHE would not resolve
+    return Path(os.environ.get("SURGERY_CACHE", home().parent / "cache")).absolute() / "sophgo"
 
 
 class SophgoAdapter(Adapter):
