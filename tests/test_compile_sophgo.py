@@ -129,3 +129,11 @@ def test_workaround_opset18_reducemean_reproduced_and_avoided(tmp_path: Path):
     assert before.returncode != 0 and "Unsupport opset" in before.stdout + before.stderr
     after = transform(run_pass(model, PASSES["opset17"])[0], "opset17")
     assert after.returncode == 0, after.stdout[-2000:]
+
+
+def test_a_relative_cache_path_is_made_absolute(monkeypatch: pytest.MonkeyPatch):
+    """model_tool --combine runs in the output directory: a relative SURGERY_CACHE must not reach it as is."""
+    from surgery.compile.sophgo import cache_dir
+
+    monkeypatch.setenv("SURGERY_CACHE", "build/cache")
+    assert cache_dir().is_absolute() and cache_dir() == Path.cwd() / "build" / "cache" / "sophgo"
