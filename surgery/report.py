@@ -74,6 +74,15 @@ def chart(table: dict[str, dict[str, float]]) -> str:
     return "".join(parts)
 
 
+def running_it(out: Path, options) -> str:
+    """Which vendor runtime loads this bundle on the board, and what runs it on this machine."""
+    from surgery.compile.registry import adapter_for
+
+    adapter = adapter_for(options.chip)
+    here = f"`surgery run {out.name} --prompt \"Hello\"`" if adapter.runtime else "nothing on this machine"
+    return f"On the board: {adapter.loaded_by}. Here: {here}."
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -91,8 +100,9 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
                   for s, t in timings.items()]
     stage_head = ["stage", "seconds", "peak RSS, process tree (MB)", "peak RSS, largest process (MB)"]
 
-    md = [f"# surgery convert: {title}", "", "## Time and memory per stage", "", "| " + " | ".join(stage_head) + " |",
-          "|---|---|---|---|"]
+    runs_on = running_it(out, options)
+    md = [f"# surgery convert: {title}", "", "## Running it", "", runs_on, "", "## Time and memory per stage", "",
+          "| " + " | ".join(stage_head) + " |", "|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in stage_rows]
     md += ["", "## Similarity per graph (worst output cosine)", "",
            "| graph | " + " | ".join(label for _, label in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
@@ -126,6 +136,7 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
          ", ".join(f"{t.name} {t.shape}" for t in g.outputs)] for g in export.graphs])
     sections = [
         f"<h1>surgery convert</h1><p>{html.escape(title)}</p>",
+        f"<h2>Running it</h2><p>{html.escape(runs_on)}</p>",
         "<h2>Similarity at every stage</h2><p>Per graph, the worst output's 1 - cosine against the stage before "
         "(lower is better; hover a bar for the value).</p>" + chart(table),
         f"<table><tr><th>graph</th>{similarity_head}</tr>{similarity_rows}</table>",

@@ -44,6 +44,7 @@ def test_axera_bundle_report_and_resume(model: Path, tmp_path: Path):
     assert sorted(p.name for p in (out / "configs").iterdir()) and (out / "onnx" / "qwen2_post.onnx").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "manifest.json").is_file()
     report = (out / "report.md").read_text()
+    assert "On the board: AXERA-TECH/ax-llm" in report  # which vendor runtime loads the bundle
     assert "| block_cache_1 | 1.0000000 |" in report and "```diff" in report and "cache-to-present" in report
     page = _Tags()
     page.feed((out / "report.html").read_text())
@@ -64,6 +65,7 @@ def test_mnn_bundle_runs(model: Path, tmp_path: Path):
     assert runtime["backend"] == "mnn" and all((out / f).is_file() for f in runtime["model_files"])
     # one graph the engine runs whole, KV inside it: the manifest says which contract, and the runtime follows it
     assert runtime["contract"] == "engine" and "kv_cache" in runtime["conventions"]
+    assert "On the board: MNN's LLM engine" in (out / "report.md").read_text()
     # the engine graph is traced from the patched model: no optimize passes run for it
     stages = json.loads((out / "convert.json").read_text())["stages"]
     assert stages["optimize"]["result"]["graphs"] == {} and "patched model" in stages["optimize"]["result"]["skipped"]
