@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from surgery.apply import read_config
 from surgery.conformance import check_pack
 from surgery.fixtures import baichuan, chatglm, internlm2, minicpm
 from surgery.fixtures.native import FAMILIES, build_native
 from surgery.fixtures.qwen_v1 import REVISIONS, build
-from surgery.packs import all_packs
+from surgery.packs import all_packs, resolve_pack
 
 CASES = [*(("qwen", revision) for revision in REVISIONS), *(("chatglm", r) for r in chatglm.REVISIONS),
          *(("internlm2", r) for r in internlm2.REVISIONS), *(("minicpm", r) for r in minicpm.REVISIONS),
@@ -25,6 +26,13 @@ BUILDERS = {"qwen": build, "chatglm": chatglm.build, "internlm2": internlm2.buil
 def test_every_pack_has_a_case():
     own_tests = {p.stem.removeprefix("test_pack_") for p in Path(__file__).parent.glob("test_pack_*.py")}
     assert {pack for pack, _ in CASES} | own_tests == set(all_packs())
+
+
+@pytest.mark.parametrize("pack,revision", CASES, ids=[f"{p}-{r}" if r else p for p, r in CASES])
+def test_apply_auto_picks_the_pack(pack: str, revision: str | None, tmp_path: Path):
+    """`surgery apply auto` on each fixture (every revision style) chooses that family's pack."""
+    src = BUILDERS[pack](tmp_path / "src", revision=revision) if revision else build_native(pack, tmp_path / "src")
+    assert resolve_pack("auto", read_config(src)[0]).name == pack
 
 
 @pytest.mark.parametrize("pack,revision", CASES, ids=[f"{p}-{r}" if r else p for p, r in CASES])
