@@ -48,8 +48,12 @@ def convert(model: Path, out: Path, chip: str, args: argparse.Namespace) -> dict
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise SystemExit(f"surgery convert failed for {model.name} on {chip} (see {log}):\n{tail}")
     state = json.loads((out / "convert.json").read_text())["stages"]
-    return {"wall": measured.seconds, "tree_mb": measured.peak_tree_mb, "graphs": graph_seconds(out),
-            "stages": {name: {"seconds": s["seconds"], **s.get("peak_mb", {})} for name, s in state.items()}}
+    figures = {"wall": measured.seconds, "tree_mb": measured.peak_tree_mb, "graphs": graph_seconds(out),
+               "stages": {name: {"seconds": s["seconds"], **s.get("peak_mb", {})} for name, s in state.items()}}
+    if not args.keep:  # a 7B bundle and its stages are 15-25 GB: keep only the figures
+        shutil.rmtree(out / "stages", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    return figures
 
 
 def graph_seconds(out: Path) -> dict[str, dict[str, float]]:
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--check", default="sample", choices=["none", "sample", "all"])
     parser.add_argument("--work", type=Path, default=Path("build/bench-scale"))
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument("--keep", action="store_true", help="Keep each bundle's stages (GBs each at 7B).")
     args = parser.parse_args()
     results: dict[str, dict[int, dict]] = {}
     for chip in args.chips:
