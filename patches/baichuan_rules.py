@@ -14,6 +14,8 @@ import libcst.matchers as m
 
 from surgery.codemod import Rule
 
+from .common_rules import wrap_in_try
+
 
 def _code(node: cst.CSTNode) -> str:
     return cst.Module([]).code_for_node(node)
@@ -167,9 +169,7 @@ class ImportOrNone(Rule):
             imports = m.SimpleStatementLine([m.ImportFrom(module=m.Name(self.module), names=m.DoNotCare())])
             if m.matches(stmt, imports) and isinstance(stmt.body[0].names, (list, tuple)):
                 names = " = ".join(a.evaluated_alias or a.evaluated_name for a in stmt.body[0].names)
-                wrapped = cst.parse_statement(f"try:\n    pass\nexcept ImportError:\n    {names} = None\n")
-                wrapped = wrapped.with_changes(body=wrapped.body.with_changes(
-                    body=[stmt.with_changes(leading_lines=[])]), leading_lines=stmt.leading_lines)
+                wrapped = wrap_in_try(stmt, f"except ImportError:\n    {names} = None\n")
                 stmt = self.mark(wrapped, f"{self.module} is optional: only its 4-bit loader uses it")
             body.append(stmt)
         return updated.with_changes(body=body)

@@ -14,7 +14,7 @@ import libcst.matchers as m
 
 from surgery.codemod import Rule
 
-from .common_rules import IS_NOT_NONE, contains, torch_call
+from .common_rules import IS_NOT_NONE, _ImportOutsideTry, contains, torch_call
 
 
 def _code(node: cst.CSTNode) -> str:
@@ -155,36 +155,23 @@ class EagerAttentionClass(Rule):
         return self.mark(new, "eager attention only (no SDPA/flash class)")
 
 
-class ImportWithFallback(Rule):
+class ImportWithFallback(_ImportOutsideTry):
     """`from <module> import ...` -> `try: <that import> except ImportError: <fallback>`: a helper module the
     remote code was written against and transformers 5 removed, replaced by the same functions defined here."""
 
     name = "import-with-fallback"
 
     def __init__(self, module: str, fallback: str) -> None:
-        super().__init__()
-        self.module, self.fallback = module, fallback
+        super().__init__(module)
+        self.fallback = fallback
         self.anchor = f"`from {module} import ...` outside a try block"
-        self._try_depth = 0
 
-    def visit_Try(self, node: cst.Try) -> None:
-        self._try_depth += 1
+    def imports(self, module: str) -> bool:
+        return module == self.module
 
-    def leave_Try(self, original: cst.Try, updated: cst.Try) -> cst.Try:
-        self._try_depth -= 1
-        return updated
-
-    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine,
-                                  updated: cst.SimpleStatementLine) -> cst.BaseStatement:
-        target = any(isinstance(s, cst.ImportFrom) and s.module is not None and _code(s.module) == self.module
-                     for s in updated.body)
-        if self._try_depth or not target:
-            return updated
+    def handler(self) -> tuple[str, str]:
         indented = "".join(f"    {line}\n" if line else "\n" for line in self.fallback.strip("\n").splitlines())
-        wrapped = cst.parse_statement(f"try:\n    pass\nexcept ImportError:\n{indented}")
-        wrapped = wrapped.with_changes(body=wrapped.body.with_changes(body=[updated.with_changes(leading_lines=[])]),
-                                       leading_lines=updated.leading_lines)
-        return self.mark(wrapped, f"{self.module} is gone in transformers 5")
+        return f"except ImportError:\n{indented}", f"{self.module} is gone in transformers 5"
 
 
 def tuple_cache_block(block, hidden, cos, sin, mask, past):
