@@ -90,10 +90,26 @@ def test_kill_9_during_compile_then_rerun(bundle: Path, tmp_path: Path):
     from surgery.runtime import OnnxModel, open_runtime
 
     out = tmp_path / "mnn"
-    command = [SURGERY, "compile", str(bundle), "--chip", "mnn", "-q", "w8bf16", "-o", str(out), "-j", "1"]
+    command = [SURGERY, "compile", str(bundle), "--chip", "mnn", "-q", "w8bf16", "-o", str(out), "-j", "1",
+               "--layout", "graphs"]
     kill_midway(command, out, "*.mnn", 3)
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert [p.name for p in out.glob(".*.tmp")] == [] and not list(out.glob(".surgery-staging*"))
     prompt = [5, 17, 42, 7]
     assert open_runtime(out).generate(prompt, 6).tokens == OnnxModel(bundle).generate(prompt, 6).tokens
+
+
+@pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: `surgery toolchain install mnn`")
+def test_kill_9_during_an_engine_layout_compile_then_rerun(bundle: Path, tmp_path: Path):
+    """MNN's engine layout (the default): killed while the engine graph is being built, a rerun finishes and
+    leaves no temporary files; MNN's engine then generates from it."""
+    from surgery.runtime import open_runtime
+
+    out = tmp_path / "engine"
+    command = [SURGERY, "compile", str(bundle), "--chip", "mnn", "-q", "w8bf16", "-o", str(out)]
+    kill_midway(command, out, "logs/llm.log", 1)
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [p.name for p in out.glob(".*.tmp")] == [] and not list(out.glob(".surgery-staging*"))
+    assert len(open_runtime(out).generate([5, 17, 42, 7], 6).tokens) == 6
