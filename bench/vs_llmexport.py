@@ -25,7 +25,7 @@ from surgery.fixtures.shapes import build_shaped
 
 SURGERY = str(Path(sys.executable).with_name("surgery"))
 GREEDY = """
-import json, sys
+import json, os, sys
 import numpy as np
 import MNN.llm as llm
 model = llm.create(sys.argv[1])
@@ -36,7 +36,8 @@ logits = model.forward(ids)
 for _ in range(int(sys.argv[3])):
     out.append(int(np.array(logits.read()).reshape(-1).argmax()))
     logits = model.forward([out[-1]])
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+os._exit(0)  # MNN.llm's objects crash the interpreter's teardown, after the work is done
 """
 
 
