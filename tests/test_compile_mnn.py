@@ -23,8 +23,8 @@ from surgery.manifest import Manifest
 from surgery.runtime import OnnxModel, open_runtime
 
 Q = {None: "fp32", 8: "w8bf16", 4: "w4bf16"}  # -q for float, 8- and 4-bit weights
-pytestmark = pytest.mark.skipif(installed("mnn") is None,
-                                reason="MNN toolchain absent: run `surgery toolchain install mnn` (make toolchains)")
+NO_MNN = "MNN toolchain absent: run `surgery toolchain install mnn` (make toolchains)"
+pytestmark = pytest.mark.skipif(installed("mnn") is None, reason=NO_MNN)
 SURGERY = str(Path(sys.executable).with_name("surgery"))
 
 

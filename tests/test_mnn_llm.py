@@ -20,8 +20,8 @@ from surgery.compile.mnn_runtime import WORKER, MnnLlm
 from surgery.compile.toolchains import installed, python_of
 from surgery.runtime import open_runtime
 
-pytestmark = pytest.mark.skipif(installed("mnn") is None,
-                                reason="MNN toolchain absent: run `surgery toolchain install mnn` (make toolchains)")
+NO_MNN = "MNN toolchain absent: run `surgery toolchain install mnn` (make toolchains)"
+pytestmark = pytest.mark.skipif(installed("mnn") is None, reason=NO_MNN)
 SURGERY = str(Path(sys.executable).with_name("surgery"))
 PROMPT = [5, 17, 42, 7, 99, 3]
 ENGINE_FILES = {"config.json", "llm_config.json", "llm.mnn", "llm.mnn.weight", "tokenizer.txt"}
