@@ -96,29 +96,31 @@ class RayExecutor:
                 refs[digest] = ray.put((source / name).read_bytes())
             return refs[digest]
 
-        pending = {}
-        for i, job in enumerate(jobs):
+        def store(path: Path, content: bytes) -> None:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(content)
+            tmp.replace(path)
+
+        cache.mkdir(parents=True, exist_ok=True)
+        paths = [cache / f"{job.key}.bmodel" for job in jobs]
+        pending = {}  # nets to build: the driver's cache and then a host's cache had none
+        for i, (job, path) in enumerate(zip(jobs, paths, strict=True)):
+            if path.is_file():
+                continue
             actor = self.actors[i % len(self.actors)]
             hit = ray.get(actor.cached.remote(job))
-            if hit is None:
-                files = {digest: ref(name, digest) for name, digest in job.inputs.items()}
-                pending[job.key] = (job, actor.build.remote(job, files))
+            if hit is not None:
+                store(path, hit)
             else:
-                pending[job.key] = (job, ray.put(hit))
-        cache.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for job in jobs:
-            path = cache / f"{job.key}.bmodel"
-            if not path.is_file():
+                files = {digest: ref(name, digest) for name, digest in job.inputs.items()}
+                pending[job.key] = actor.build.remote(job, files)
+        for job, path in zip(jobs, paths, strict=True):
+            if job.key in pending and not path.is_file():
                 try:
-                    content = ray.get(pending[job.key][1])
+                    store(path, ray.get(pending[job.key]))
                 except ray.exceptions.RayTaskError as exc:
                     raise SurgeryError(f"graph {job.name} failed on the Ray cluster: "
                                        f"{str(exc.cause).splitlines()[0] if exc.cause else exc}") from None
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_bytes(content)
-                tmp.replace(path)
-            paths.append(path)
         return paths
 
     def close(self) -> None:
