@@ -15,8 +15,9 @@ import torch
 from surgery.apply import RECORD
 from surgery.errors import SurgeryError
 from surgery.export.arch import ArchSpec
+from surgery.export.checkpoint import open_checkpoint
 from surgery.export.jobs import DTYPES, ExportOptions
-from surgery.export.weights import Resident, SafetensorsIndex, parameters_on_meta
+from surgery.export.weights import Resident, parameters_on_meta
 from surgery.packs import check_transformers, pack_for_model_type
 
 
@@ -85,6 +86,8 @@ def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, d
 
     def build() -> torch.nn.Module:
         cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code)
+        if hasattr(cfg, "quantization_config"):  # a GPTQ/AWQ checkpoint: built float, weights dequantized on read
+            del cfg.quantization_config
         with parameters_on_meta():
             return AutoModelForCausalLM.from_config(cfg, trust_remote_code=options.trust_remote_code,
                                                     dtype=DTYPES[options.dtype])
@@ -93,7 +96,7 @@ def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, d
     spec = export_spec_for(config["model_type"])
     aliases = ({f"{spec.lm_head}.weight": f"{spec.embedding}.weight"}
                if config.get("tie_word_embeddings") else {})
-    return Resident(model, SafetensorsIndex(model_dir), DTYPES[options.dtype], aliases), config
+    return Resident(model, open_checkpoint(model_dir, config), DTYPES[options.dtype], aliases), config
 
 
 def check_weights(model_dir: Path) -> None:
