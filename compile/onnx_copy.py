@@ -14,7 +14,7 @@ from pathlib import Path
 from surgery.checks import check_graph, sampled
 from surgery.compile.base import Adapter, CompileOptions, copy_host_files, finish, prepare
 from surgery.manifest import Compiled, Manifest
-from surgery.onnxio import ort_session
+from surgery.onnxio import run_once
 
 
 class OnnxAdapter(Adapter):
@@ -44,8 +44,7 @@ class OnnxAdapter(Adapter):
         compiled.write(out)
 
         def run(graph, feeds):
-            session = ort_session(out / graph.file)
-            return session.run(None, feeds)
+            return run_once(out / graph.file, feeds)
 
         rows = [row for g in sampled(manifest, options.check) for row in check_graph(onnx_dir, g,
                                                                                      manifest.vocab_size, run)]

@@ -21,7 +21,7 @@ from surgery.export.trace import ParamsAsInputs, unique_parameters
 from surgery.export.weights import Resident
 from surgery.fsutil import sha256_file
 from surgery.manifest import Manifest
-from surgery.onnxio import ort_session
+from surgery.onnxio import run_once
 from surgery.parity import Parity, compare
 
 
@@ -89,9 +89,7 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False,
     for graph in sampled(manifest, level):
         progress(graph.name)
         feeds = random_inputs(graph, manifest.vocab_size)
-        session = ort_session(onnx_dir / graph.file)
-        got = session.run(None, feeds)
-        del session
+        got = run_once(onnx_dir / graph.file, feeds)
         want = reference(jobs[graph.name], feeds, resident, table_dtype)
         rows += [compare(graph.name, spec_.name, g, w.float().numpy())
                  for spec_, g, w in zip(graph.outputs, got, want, strict=True)]

@@ -15,7 +15,7 @@ import numpy as np
 
 from surgery.contract import random_inputs
 from surgery.manifest import GraphSpec, Manifest
-from surgery.onnxio import ort_session
+from surgery.onnxio import run_once
 from surgery.parity import Parity, compare
 
 LEVELS = ("none", "sample", "all")
@@ -46,11 +46,7 @@ def check_graph(onnx_dir, graph: GraphSpec, vocab: int,
     """One graph: compiled outputs vs onnxruntime on the same contract inputs. For blocks also what the block
     added to its input (the residual dominates `hidden_states`: zeroed weights would still score 0.96)."""
     feeds = {name: bf16_exact(x) for name, x in random_inputs(graph, vocab).items()}
-    session = ort_session(onnx_dir / graph.file)
-    try:
-        want = session.run(None, feeds)
-    finally:
-        del session
+    want = run_once(onnx_dir / graph.file, feeds)
     got = run_compiled(graph, feeds)
     rows = []
     for spec, g, w in zip(graph.outputs, got, want, strict=True):

@@ -261,3 +261,16 @@ def ort_session(path: Path, prepack: bool = False):
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_once(path: Path, feeds: dict) -> list:
+    """Run `path` once on onnxruntime and release everything it loaded. The outputs are copied: an array
+    onnxruntime returns is a view that keeps the session's buffers alive, which for a 7B head is the whole
+    fp32 table (2.5 GB) held for as long as the logits are."""
+    import numpy as np
+
+    session = ort_session(path)
+    try:
+        return [np.array(out, copy=True) for out in session.run(None, feeds)]
+    finally:
+        del session

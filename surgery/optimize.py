@@ -24,7 +24,7 @@ from surgery.checks import sampled
 from surgery.contract import random_inputs
 from surgery.errors import SurgeryError
 from surgery.manifest import GraphSpec, Manifest
-from surgery.onnxio import load_structure, ort_session, save_graph, seal, unseal
+from surgery.onnxio import load_structure, run_once, save_graph, seal, unseal
 from surgery.outputs import Output, adopt
 from surgery.parity import compare
 from surgery.passes import PASSES, final_norm, run_pass
@@ -53,11 +53,7 @@ def pipeline(target: str, passes: list[str] | None = None, skip: tuple[str, ...]
 
 
 def _outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort_session(path)
-    try:
-        return session.run(None, feeds)
-    finally:
-        del session
+    return run_once(path, feeds)
 
 
 def _worst(got: list, want: list) -> float:
