@@ -161,6 +161,7 @@ class MnnAdapter(Adapter):
             toolchain={"mnn": installed("mnn")["versions"].get("mnn")}, files=files, check=options.check,
             details={"layout": "llm", "loaded_by": "MNN.llm.create(config.json)", "weight_quant_bits": bits,
                      "weight_quant_block": block if bits else None, "tie_embeddings": tie,
+                     "linear_weights_written_by": built["linear_weights"],
                      "commands": built["commands"]})
         compiled.write(out)
         rows = check_llm(onnx_dir, out) if options.check != "none" else []

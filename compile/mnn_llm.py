@@ -61,14 +61,18 @@ def attention_ops(graph: dict) -> int:
 def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int | None, block: int,
                 symmetric: bool) -> dict:
     """`out/llm.mnn` + `out/llm.mnn.weight` from the patched model; returns the graph facts, the
-    `tie_embeddings` entry (None: ship the bf16 table) and the commands."""
+    `tie_embeddings` entry (None: ship the bf16 table) and the commands. With quantized weights MNNConvert
+    sees the graph without its linears' weights, which compile/mnn_weights.py then writes one layer at a
+    time: memory stays one layer's, whatever the depth (MNNConvert held the whole graph twice)."""
     from surgery.export.engine import export_engine_graph
 
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}llm-", dir=out))
+    weights = None
     try:
         # export already ran this model's code (the pack's patched modeling file) with the user's consent
-        facts = export_engine_graph(model_dir, stage / "llm.onnx", trust_remote_code=True)
-        steps = convert_steps(stage / "llm.onnx", stage, bits, block, symmetric)
+        facts, weights = export_engine_graph(model_dir, stage / "llm.onnx", trust_remote_code=True,
+                                             weightless=bits is not None)
+        steps = convert_steps(stage / "llm.onnx", stage, None if weights else bits, block, symmetric)
         for args, made in zip(steps[:2], ("stage.mnn", "stage.json"), strict=True):
             run_logged([str(python), str(WORKER), "convert", *args], log, f"MNNConvert ({made})", cwd=stage,
                        expect=stage / made)
@@ -79,6 +83,12 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
         if fused != facts["layer_nums"]:
             raise SurgeryError(f"MNNConvert kept {fused} FusedAttention nodes of {facts['layer_nums']} layers "
                                f"(see {log})")
+        if weights is not None:
+            from surgery.compile.mnn_weights import write_linears
+
+            (stage / "stage.mnn.weight").touch()  # absent when the rest of the graph had no external weights
+            write_linears(graph, stage / "stage.mnn.weight", weights, bits, block, symmetric)
+            weights.close()
         tie = None
         if bits and facts["tie_word_embeddings"]:  # the head's rows as the embedding (compile/mnn_tie.py)
             from surgery.compile import mnn_tie
@@ -90,8 +100,11 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
                    expect=stage / MODEL)
         os.replace(stage / "stage.mnn.weight", out / WEIGHT)  # the JSON kept its offsets into this file
         os.replace(stage / MODEL, out / MODEL)
-        return {**facts, "tie_embeddings": tie, "commands": [["MNNConvert", *a] for a in steps]}
+        return {**facts, "tie_embeddings": tie, "commands": [["MNNConvert", *a] for a in steps],
+                "linear_weights": "surgery (compile/mnn_weights.py)" if weights else "MNNConvert"}
     finally:
+        if weights is not None:
+            weights.close()
         shutil.rmtree(stage, ignore_errors=True)
 
 

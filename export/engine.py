@@ -29,6 +29,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.export.arch import ArchSpec
+from surgery.export.engine_linear import LinearWeights, weightless_linears
 from surgery.export.engine_spec import EngineSpec
 from surgery.export.jobs import ExportOptions
 from surgery.export.source import export_spec_for, load_streaming
@@ -163,19 +164,24 @@ def standin(param: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=param.dtype).expand(param.shape)
 
 
-def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = False, trace_seq: int = 3) -> dict:
+def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = False, trace_seq: int = 3,
+                        weightless: bool = False) -> tuple[dict, LinearWeights | None]:
     """Write `path` (+ `<path>.data`): the whole model as the engine's one graph, fp32. Returns the facts
-    the engine's config needs (hidden size, layers, vocabulary, tied head)."""
+    the engine's config needs (hidden size, layers, vocabulary, tied head) and, with `weightless`, where
+    the linears' weights come from: they are then left out of the graph (export/engine_linear.py)."""
     resident, config = load_streaming(Path(model_dir), ExportOptions(seq_length=trace_seq + 1, dtype="fp32",
                                                                      trust_remote_code=trust_remote_code))
     spec = export_spec_for(config["model_type"])
     graph = EngineGraph(spec, resident.model, config["model_type"]).eval()
-    params = unique_parameters(graph)
     mask = torch.full((trace_seq, trace_seq), torch.finfo(torch.float32).min).triu(1)[None, None]
-    args = (torch.zeros(trace_seq, 1, graph.hidden), mask, torch.arange(trace_seq, dtype=torch.int32)[None],
-            torch.tensor([-1], dtype=torch.int32), *(standin(p) for p in params.values()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}trace-", dir=path.parent) as scratch:
+    with contextlib.ExitStack() as stack:
+        linears = stack.enter_context(weightless_linears(graph)) if weightless else {}
+        skip = {f"{name}.{leaf}" for name in linears for leaf in ("weight", "bias")}
+        params = {name: p for name, p in unique_parameters(graph).items() if name not in skip}
+        args = (torch.zeros(trace_seq, 1, graph.hidden), mask, torch.arange(trace_seq, dtype=torch.int32)[None],
+                torch.tensor([-1], dtype=torch.int32), *(standin(p) for p in params.values()))
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}trace-", dir=path.parent))
         traced = Path(scratch) / path.name
         with attention_fused(graph.engine, graph.attentions[0]), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -186,6 +192,7 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     _attach_weights(model, Streamed(graph, resident, list(params)), {}, data_file(path))
     resident.hold([])
     save_graph(model, path)
-    return {"hidden_size": graph.hidden, "layer_nums": len(graph.layers), "model_type": config["model_type"],
-            "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
-            "vocab_size": resident.model.config.vocab_size, "chat_template": spec.engine.chat_template}
+    facts = {"hidden_size": graph.hidden, "layer_nums": len(graph.layers), "model_type": config["model_type"],
+             "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
+             "vocab_size": resident.model.config.vocab_size, "chat_template": spec.engine.chat_template}
+    return facts, (LinearWeights(graph, resident, graph.owner, linears) if weightless else None)

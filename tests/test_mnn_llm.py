@@ -161,7 +161,7 @@ def dequantized_rows(weight_file: Path, tie: list[int], vocab: int, hidden: int)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_4bit_head_is_the_embedding(root: Path, symmetric: bool):
+def test_4bit_head_is_the_embedding(root: Path, fp32: Path, symmetric: bool):
     """A tied head at 4 bits: no bf16 table; the engine's reader decodes the head's rows to the embedding
     (within half a quantization step), and the engine still generates."""
     from safetensors import safe_open
@@ -178,7 +178,7 @@ def test_4bit_head_is_the_embedding(root: Path, symmetric: bool):
     step = np.abs(table).max() / 7 if symmetric else (table.max(1) - table.min(1)).max() / 15  # one level
     assert np.abs(rows - table).max() <= step / 2 + 1e-5
     assert len(MnnLlm(out).engine(PROMPT, 16)["tokens"]) == 16
-    assert (out / "llm.mnn.weight").stat().st_size < (root / "fp32" / "llm.mnn.weight").stat().st_size / 4
+    assert (out / "llm.mnn.weight").stat().st_size < (fp32 / "llm.mnn.weight").stat().st_size / 4
 
 
 def test_cli_run_uses_the_engine(fp32: Path):
@@ -188,3 +188,15 @@ def test_cli_run_uses_the_engine(fp32: Path):
     result = json.loads(ran.stdout)
     assert result["backend"] == "mnn" and result["tokens"] == MnnLlm(fp32).engine(PROMPT, 8)["tokens"]
     assert type(open_runtime(fp32)) is MnnLlm
+
+
+@pytest.mark.parametrize("family", ["qwen-v1", "qwen3"])
+def test_quantized_linears_written_by_us_are_what_mnn_reads(tmp_path: Path, family: str):
+    """8-bit engine graphs whose linear weights never went through MNNConvert (compile/mnn_weights.py wrote
+    them, one layer resident): fused c_attn with bias and an untied head (Qwen-v1), q/k norms (qwen3). MNN's
+    own engine decodes them to logits matching onnxruntime's fp32 graphs."""
+    onnx_dir = export_qwen(tmp_path, "2023-12") if family == "qwen-v1" else export_native(family, tmp_path)
+    manifest = MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "w8bf16", 32))
+    assert manifest.compiled.details["linear_weights_written_by"].startswith("surgery")
+    assert manifest.compiled.parity[0]["cosine"] >= 0.999
+    assert len(MnnLlm(tmp_path / "mnn").engine(PROMPT, 8)["tokens"]) == 8

@@ -1,0 +1,75 @@
+"""Linear layers of the engine graph as weightless custom nodes, their weights fetched one layer at a time.
+
+At 7B the engine graph's weights are 28 GB in fp32, and MNNConvert holds a graph's weights whole (twice,
+measured: its peak grew 1.9 GB per 0.8 GB layer). So for quantized weights every `nn.Linear` is traced as a
+`LlmExporter::WeightlessLinear` node that carries only its name and sizes; MNNConvert keeps it as an `Extra`
+op, and the MNN adapter replaces it with a block-quantized Convolution whose weights it writes itself
+(compile/mnn_weights.py), streaming them through `LinearWeights` with one layer resident. MNN's own
+`llmexport` builds its models the same way (its `FakeLinear` ops, rebuilt after conversion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from surgery.export.weights import Resident
+
+DOMAIN = "LlmExporter"
+OP = "WeightlessLinear"
+
+
+class WeightlessLinear(torch.autograd.Function):
+    """y = x W^T + b with W and b left out of the graph: a node named after the module, with its sizes."""
+
+    @staticmethod
+    def symbolic(g, x, name: str, in_features: int, out_features: int, has_bias: int):
+        return g.op(f"{DOMAIN}::{OP}", x, name_s=name, in_features_i=in_features, out_features_i=out_features,
+                    has_bias_i=has_bias)
+
+    @staticmethod
+    def forward(ctx, x, name: str, in_features: int, out_features: int, has_bias: int):
+        return x.new_zeros((*x.shape[:-1], out_features))  # the trace needs the shape only
+
+
+@contextlib.contextmanager
+def weightless_linears(root: torch.nn.Module) -> Iterator[dict[str, torch.nn.Linear]]:
+    """While tracing `root`, every `nn.Linear` under it becomes a WeightlessLinear node named by its path in
+    `root`; yields those modules by name (the names MNNConvert keeps on the ops)."""
+    linears = {name: m for name, m in root.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, module in linears.items():
+        module.surgery_linear_name = name
+    original = torch.nn.Linear.forward
+
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        name = getattr(self, "surgery_linear_name", None)
+        if name is None:
+            return original(self, x)
+        return WeightlessLinear.apply(x, name, self.in_features, self.out_features, int(self.bias is not None))
+
+    torch.nn.Linear.forward = forward
+    try:
+        yield linears
+    finally:
+        torch.nn.Linear.forward = original
+        for module in linears.values():
+            del module.surgery_linear_name
+
+
+class LinearWeights:
+    """A linear's fp32 weight [out, in] and bias by its name in the engine graph, read from the checkpoint
+    with only the layer that owns it resident (`owner(name)` names that model submodule)."""
+
+    def __init__(self, root: torch.nn.Module, resident: Resident, owner, linears: dict[str, torch.nn.Linear]):
+        self.root, self.resident, self.owner, self.linears = root, resident, owner, linears
+
+    def __call__(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.resident.hold([self.owner(f"{name}.weight")])
+        module = self.linears[name]
+        bias = module.bias.data.float() if module.bias is not None else None
+        return module.weight.data.float(), bias
+
+    def close(self) -> None:
+        self.resident.hold([])
