@@ -9,20 +9,50 @@ ALiBi from a constant table gathered by position (`export/arch_baichuan.py` says
 
 from functools import partial
 
-from surgery.codemod import Patch
+import libcst as cst
+import libcst.matchers as m
+
+from surgery.codemod import Patch, Rule
 from surgery.export.arch import ArchSpec
 from surgery.export.arch_baichuan import baichuan_block, baichuan_tables, normalize_rows
 from surgery.packs import ApplyOptions, Pack
 
-from .baichuan_rules import (
-    EagerSdpa,
-    FoldedNormHead,
-    ImportOrNone,
-    TensorsOnCpuInInit,
-    UnwrapOneTuple,
-)
+from .attention_rules import EagerSdpa
+from .cache_rules import PresentBeforeCacheConcat
 from .common_rules import KeepElseOfFlagBranch
-from .llama_remote_rules import PresentBeforeCacheConcat
+from .import_rules import ImportOrNone
+from .load_rules import TensorsOnCpuInInit, UnwrapOneTuple
+
+
+class FoldedNormHead(Rule):
+    """Baichuan2's own rule: `NormHead.forward` normalizes `self.weight` (in place, on first use) before
+    `linear(x, w)`; it becomes one product with `self.weight` while the exporter traces and `linear(x,
+    normalize(w))` otherwise. `head_rows=normalize_rows` writes the exported table with rows already
+    normalized, and normalizing is idempotent, so eager torch (checkpoint weights) and the graph agree."""
+
+    name = "folded-norm-head"
+    anchor = "`NormHead.forward` with `normalize(self.weight)` and `return ...linear(x, w)`"
+    NORMALIZE = m.Call(func=m.Attribute(attr=m.Name("normalize")),
+                       args=[m.Arg(m.Attribute(value=m.Name("self"), attr=m.Name("weight")))])
+    LINEAR = m.Return(value=m.Call(func=m.Attribute(attr=m.Name("linear")), args=[m.Arg(), m.Arg()]))
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
+        if updated.name.value != "NormHead":
+            return updated
+        body = [self._fold(s) if m.matches(s, m.FunctionDef(name=m.Name("forward"))) else s for s in updated.body.body]
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+    def _fold(self, forward: cst.FunctionDef) -> cst.FunctionDef:
+        returns = m.findall(forward, self.LINEAR)
+        if not returns or not m.findall(forward, self.NORMALIZE):
+            return forward
+        code = cst.Module([]).code_for_node
+        linear, normalize = returns[-1].value, m.findall(forward, self.NORMALIZE)[0]
+        weight = cst.parse_statement(f"weight = self.weight if torch.jit.is_tracing() else {code(normalize)}\n")
+        ret = cst.parse_statement(f"return {code(linear.func)}({code(linear.args[0].value)}, weight)\n")
+        weight = self.mark(weight, "rows normalized in torch; export writes them folded into the head's table")
+        return forward.with_changes(body=forward.body.with_changes(body=[weight, ret]))
+
 
 PATCHES = [
     Patch("xformers-off", "drop the xformers branch (its LowerTriangularMask is a built-in causal mask), keep eager",
@@ -32,14 +62,14 @@ PATCHES = [
     Patch("present-kv", "`present = (k, v)` before the cache concat: layers return this step's K/V only",
           [partial(PresentBeforeCacheConcat, "past_key_value")]),
     Patch("norm-head", "NormHead is one product; its row normalization is folded into the exported table",
-          [partial(FoldedNormHead, "NormHead")]),
+          [FoldedNormHead]),
     Patch("rotary-tables", "build RotaryEmbedding's plain-tensor tables on the CPU (transformers 5 leaves them "
                            "on the meta device)",
           [partial(TensorsOnCpuInInit, "RotaryEmbedding")], required=False,
           absent_reason="this revision has no rotary tables (Baichuan2-13B, ALiBi)"),
     Patch("accelerate", "make the unused `from accelerate import init_empty_weights` optional (the loader refuses "
                         "remote code whose imports are missing)",
-          [partial(ImportOrNone, "accelerate")], required=False,
+          [partial(ImportOrNone, "accelerate", "its 4-bit loader")], required=False,
           absent_reason="this revision does not import accelerate"),
 ]
 

@@ -15,16 +15,10 @@ from surgery.export.arch import ArchSpec, chatglm_block, chatglm_rope
 from surgery.manifest import MASK_VALUE
 from surgery.packs import ApplyOptions, Pack
 
-from .chatglm_rules import (
-    AdditiveMask,
-    BoolMaskToAdditive,
-    CallLastInMethod,
-    DropMaskBuilder,
-    GuardConfigRead,
-    PresentBeforeConcat,
-    UnguardCall,
-)
+from .cache_rules import PresentBeforeCacheConcat
+from .causal_mask_rules import AdditiveMask, BoolMaskToAdditive, DropMaskBuilder, UnguardCall
 from .common_rules import KeepElseOfFlagBranch
+from .load_rules import CallLastInMethod, GuardConfigRead
 
 PATCHES = [
     Patch("sdpa-off", "drop the torch 2 SDPA branch of CoreAttention, keep the eager matmul/softmax path",
@@ -38,7 +32,7 @@ PATCHES = [
     Patch("masks-always", "ChatGLMModel.forward always builds its mask (the attention no longer builds one)",
           [partial(UnguardCall, "get_masks")]),
     Patch("present-kv", "keep this step's K/V before the cache concat: blocks return only the new K/V",
-          [partial(PresentBeforeConcat, "kv_cache")]),
+          [partial(PresentBeforeCacheConcat, "kv_cache", store_note="return this step's K/V")]),
     Patch("max-length", "`config.max_length` -> getattr(...): transformers 5 configs have no generation fields",
           [partial(GuardConfigRead, "config", "max_length", "None")], required=False,
           absent_reason="this revision does not read config.max_length"),

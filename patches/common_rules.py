@@ -118,64 +118,6 @@ class HoistBefore(Rule):
         return updated.with_changes(body=body)
 
 
-def wrap_in_try(stmt: cst.SimpleStatementLine, handler: str) -> cst.BaseStatement:
-    """`try: <stmt>` followed by `handler` (an except clause's source); the statement's leading comments and
-    blank lines stay above the `try`."""
-    wrapped = cst.parse_statement(f"try:\n    pass\n{handler}")
-    return wrapped.with_changes(body=wrapped.body.with_changes(body=[stmt.with_changes(leading_lines=[])]),
-                                leading_lines=stmt.leading_lines)
-
-
-class _ImportOutsideTry(Rule):
-    """Base of the rules that put an import of `module` into try/except ImportError: transformers refuses to
-    load remote code whose imports are missing unless they sit in a try block. An import already inside one
-    is left alone. Subclasses say which imports count and what the except clause does."""
-
-    def __init__(self, module: str) -> None:
-        super().__init__()
-        self.module = module
-        self._try_depth = 0
-
-    def visit_Try(self, node: cst.Try) -> None:
-        self._try_depth += 1
-
-    def leave_Try(self, original: cst.Try, updated: cst.Try) -> cst.Try:
-        self._try_depth -= 1
-        return updated
-
-    def imports(self, module: str) -> bool:
-        raise NotImplementedError
-
-    def handler(self) -> tuple[str, str]:
-        """The except clause's source and the marker's note."""
-        raise NotImplementedError
-
-    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine,
-                                  updated: cst.SimpleStatementLine) -> cst.BaseStatement:
-        if self._try_depth or not any(isinstance(s, cst.ImportFrom) and s.module is not None
-                                      and self.imports(cst.Module([]).code_for_node(s.module)) for s in updated.body):
-            return updated
-        clause, note = self.handler()
-        return self.mark(wrap_in_try(updated, clause), note)
-
-
-class OptionalImport(_ImportOutsideTry):
-    """`from <module>... import ...` in try/except ImportError that re-raises naming the package: the feature
-    that needs it then fails only when it is used."""
-
-    def __init__(self, module: str) -> None:
-        super().__init__(module)
-        self.name = "wrap-import"
-        self.anchor = f"`from {module}... import ...` outside a try block"
-
-    def imports(self, module: str) -> bool:
-        return module.split(".")[0] == self.module
-
-    def handler(self) -> tuple[str, str]:
-        return (f"except ImportError as exc:\n    raise ImportError('this feature needs `pip install {self.module}`')"
-                " from exc\n", "import made optional")
-
-
 class ReplaceMethodCall(Rule):
     """`self.<method>(args...)` becomes an expression template over the call's arguments ({0}, {1}, ...)."""
 

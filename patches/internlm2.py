@@ -16,8 +16,9 @@ from surgery.codemod import Patch
 from surgery.export.arch import ArchSpec
 from surgery.packs import ApplyOptions, Pack
 
+from .cache_rules import PresentBeforeCacheConcat
 from .common_rules import CallFirstInMethod
-from .llama_remote_rules import PresentBeforeCacheConcat, RotaryFromKwargs, tuple_cache_block
+from .llama_remote_rules import RotaryFromKwargs, tuple_cache_block
 
 # transformers 5 builds the model on the meta device and leaves non-persistent buffers (the rotary inv_freq
 # and cos/sin tables) as uninitialised memory, then calls `_init_weights` on the modules holding them

@@ -17,14 +17,11 @@ from surgery.codemod import Patch
 from surgery.export.arch import ArchSpec
 from surgery.packs import ApplyOptions, Pack
 
+from .attention_rules import EagerAttentionClass
+from .cache_rules import CacheObjectToTuple
 from .common_rules import CallFirstInMethod
-from .llama_remote_rules import (
-    CacheObjectToTuple,
-    EagerAttentionClass,
-    ImportWithFallback,
-    RotaryFromKwargs,
-    tuple_cache_block,
-)
+from .import_rules import ImportWithFallback
+from .llama_remote_rules import RotaryFromKwargs, tuple_cache_block
 
 # transformers.modeling_attn_mask_utils is gone in transformers 5; the model only needs the causal helper
 MASK_HELPER = '''

@@ -20,11 +20,11 @@ from .common_rules import (
     ForceModuleConstant,
     HoistBefore,
     KeepElseOfFlagBranch,
-    OptionalImport,
     ReplaceMethodCall,
     ScalarDivision,
     contains,
 )
+from .import_rules import OptionalImport
 
 # transformers 5 builds the model on the meta device and leaves non-persistent buffers as uninitialised
 # memory; it then calls `_init_weights` on exactly the modules holding them. Rebuild them there. Revisions

@@ -12,11 +12,13 @@ import torch
 
 from surgery.apply import plan_apply, read_config, write_plan
 from surgery.codemod import Outcome
+from surgery.codemod_testing import assert_rule
 from surgery.export.arch_baichuan import alibi_slopes, normalize_rows
 from surgery.export.tables import Table, row_chunks
 from surgery.export.weights import SafetensorsIndex
 from surgery.fixtures import baichuan
 from surgery.packs import ApplyOptions, get_pack, resolve_pack
+from surgery.patches.baichuan import FoldedNormHead
 
 
 def test_auto_picks_baichuan(tmp_path: Path):
@@ -55,3 +57,32 @@ def test_head_table_rows_are_folded(tmp_path: Path):
     folded = torch.cat(list(row_chunks(index, table, rows=100)))
     torch.testing.assert_close(folded, torch.nn.functional.normalize(raw, dim=-1))
     assert raw.norm(dim=-1).std() > 1  # the fixture's rows differ in norm, so a missed fold changes tokens
+
+
+def test_folded_norm_head():
+    for fold in ("self.weight.data = nn.functional.normalize(self.weight)",
+                 "self.weight = nn.Parameter(nn.functional.normalize(self.weight))"):
+        assert_rule(FoldedNormHead, f"""
+            class NormHead(nn.Module):
+                def forward(self, hidden_states):
+                    if self.training:
+                        norm_weight = nn.functional.normalize(self.weight)
+                    elif self.first_flag:
+                        self.first_flag = False
+                        {fold}
+                        norm_weight = self.weight
+                    else:
+                        norm_weight = self.weight
+                    return nn.functional.linear(hidden_states, norm_weight)
+        """, """
+            class NormHead(nn.Module):
+                def forward(self, hidden_states):
+                    # surgery: test/rule: rows normalized in torch; export writes them folded into the head's table
+                    weight = self.weight if torch.jit.is_tracing() else nn.functional.normalize(self.weight)
+                    return nn.functional.linear(hidden_states, weight)
+        """)
+    assert_rule(FoldedNormHead, """
+        class Head(nn.Module):
+            def forward(self, x):
+                return F.linear(x, F.normalize(self.weight))
+    """, None)

@@ -1,10 +1,21 @@
-"""Exact before/after for the built-in causal mask rules of the Qwen-v1 revision styles, and for the rule that
-adds the input mask where a 2023-09 `_attn` never read it."""
+"""Exact before/after for the mask rules (patches/causal_mask_rules.py): the built-in causal masks of the Qwen-v1
+revision styles, the rule that adds the input mask where a 2023-09 `_attn` never read it, and ChatGLM2/3's
+boolean masks made additive."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from surgery.codemod_testing import assert_rule
-from surgery.patches.causal_mask_rules import AddAttentionMask, RegisteredCausalMask, TrilCausalMask
+from surgery.patches.causal_mask_rules import (
+    AddAttentionMask,
+    AdditiveMask,
+    BoolMaskToAdditive,
+    DropMaskBuilder,
+    RegisteredCausalMask,
+    TrilCausalMask,
+    UnguardCall,
+)
 
 REGISTERED = """
     def _attn(self, q, k, registered_causal_mask, attention_mask=None):
@@ -122,4 +133,83 @@ def test_add_attention_mask_not_where_the_mask_is_read_or_not_taken():
     assert_rule(AddAttentionMask, """
         def _attn(self, q, k):
             return (q @ k).softmax(dim=-1)
+    """, None)
+
+
+def test_drop_mask_builder():
+    assert_rule(DropMaskBuilder, """
+        def forward(self, q, k, attention_mask):
+            scores = q @ k
+            if attention_mask is None and scores.shape[2] == scores.shape[3]:
+                attention_mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+                attention_mask.tril_()
+                attention_mask = ~attention_mask
+            if attention_mask is not None:
+                scores = scores.masked_fill(attention_mask, float("-inf"))
+            return scores
+    """, """
+        def forward(self, q, k, attention_mask):
+            scores = q @ k
+            # surgery: test/rule: built-in causal mask removed; the attention_mask input masks
+            if attention_mask is not None:
+                scores = scores.masked_fill(attention_mask, float("-inf"))
+            return scores
+    """)
+    assert_rule(DropMaskBuilder, """
+        def get_masks(self, ids):
+            full_attention_mask = torch.ones(1, 4, 4)
+            full_attention_mask.tril_()
+            return full_attention_mask
+    """, None)
+
+
+def test_additive_mask():
+    assert_rule(AdditiveMask, """
+        if attention_mask is not None:
+            attention_scores = attention_scores.masked_fill(attention_mask, float("-inf"))
+        other = other.masked_fill(padding, 0.0)
+    """, """
+        if attention_mask is not None:
+            # surgery: test/rule: additive mask
+            attention_scores = attention_scores + attention_mask
+        other = other.masked_fill(padding, 0.0)
+    """)
+
+
+def test_bool_mask_to_additive():
+    assert_rule(partial(BoolMaskToAdditive, "get_masks", "-10000.0"), """
+        def get_masks(self, input_ids, past_key_values, padding_mask=None):
+            full_attention_mask = (full_attention_mask < 0.5).bool()
+            full_attention_mask.unsqueeze_(1)
+            return full_attention_mask
+
+        def other(self, x):
+            x = (x < 0.5).bool()
+    """, """
+        def get_masks(self, input_ids, past_key_values, padding_mask=None):
+            # surgery: test/rule: additive mask
+            full_attention_mask = (full_attention_mask < 0.5).float() * -10000.0
+            full_attention_mask.unsqueeze_(1)
+            return full_attention_mask
+
+        def other(self, x):
+            x = (x < 0.5).bool()
+    """)
+
+
+def test_unguard_call():
+    assert_rule(partial(UnguardCall, "get_masks"), """
+        if full_attention_mask is None:
+            if (attention_mask is not None and not attention_mask.all()) or (past_key_values and seq_length != 1):
+                full_attention_mask = self.get_masks(input_ids, past_key_values, padding_mask=attention_mask)
+    """, """
+        if full_attention_mask is None:
+            # surgery: test/rule: `get_masks` always runs: the attention no longer masks by itself
+            full_attention_mask = self.get_masks(input_ids, past_key_values, padding_mask=attention_mask)
+    """)
+    assert_rule(partial(UnguardCall, "get_masks"), """
+        if padded:
+            mask = self.get_masks(ids)
+        else:
+            mask = None
     """, None)

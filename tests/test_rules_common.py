@@ -12,7 +12,6 @@ from surgery.patches.common_rules import (
     ForceModuleConstant,
     HoistBefore,
     KeepElseOfFlagBranch,
-    OptionalImport,
     ReplaceMethodCall,
     ScalarDivision,
 )
@@ -141,28 +140,6 @@ def test_hoist_before_needs_both_statements_in_that_order():
     assert_rule(HOIST, "def attn(self, key, use_cache):\n    if use_cache:\n        present = key\n", None)
 
 
-def test_optional_import_skips_imports_already_in_try():
-    source = """
-        import torch
-        from pkg.main import A
-        try:
-            from pkg import B
-        except ImportError:
-            B = None
-    """
-    assert_rule(partial(OptionalImport, "pkg"), source, """
-        import torch
-        # surgery: test/rule: import made optional
-        try:
-            from pkg.main import A
-        except ImportError as exc:
-            raise ImportError('this feature needs `pip install pkg`') from exc
-        try:
-            from pkg import B
-        except ImportError:
-            B = None
-    """)
-    assert_rule(partial(OptionalImport, "other"), source, None)
 
 
 HEAD_MASK = partial(ReplaceMethodCall, "get_head_mask", "([None] * {1} if {0} is None else {0})", note="gone")
