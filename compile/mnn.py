@@ -22,7 +22,7 @@ import numpy as np
 from surgery.checks import DELTA, check_graph, sampled
 from surgery.compile.base import QUANTIZATIONS, Adapter, CompileOptions, copy_host_files, finish, prepare
 from surgery.compile.logged import parallel, run_logged
-from surgery.compile.mnn_runtime import WORKER, MnnLlm, MnnModel, OnnxLogits
+from surgery.compile.mnn_runtime import WORKER, MnnLlm, MnnModel
 from surgery.compile.toolchains import installed, python_of
 from surgery.errors import SurgeryError
 from surgery.fsutil import STAGING_PREFIX, sha256_file
@@ -164,20 +164,22 @@ class MnnAdapter(Adapter):
                      "linear_weights_written_by": built["linear_weights"],
                      "commands": built["commands"]})
         compiled.write(out)
-        rows = check_llm(onnx_dir, out) if options.check != "none" else []
+        rows = check_llm(model_dir, out, built["vocab_size"]) if options.check != "none" else []
         return finish(out, compiled, rows, {}, MIN_LOGITS_COSINE[bits],
                       f"MNN's LLM engine with {bits or 'float'} weights")
 
 
-def check_llm(onnx_dir: Path, out: Path, prompt_length: int = 8) -> list[Parity]:
-    """The engine's logits after a prefill against the exported graphs' on onnxruntime, same prompt."""
+def check_llm(model_dir: Path, out: Path, vocab: int, prompt_length: int = 8) -> list[Parity]:
+    """The engine's logits after a prefill against the patched model's own (export/engine_reference.py),
+    same prompt: no exported graph is needed."""
+    from surgery.export.engine_reference import prefill_logits
     from surgery.parity import compare
 
-    reference = OnnxLogits(onnx_dir)
-    ids = np.random.default_rng(0).integers(0, reference.manifest.vocab_size, prompt_length).tolist()
-    want = reference.prefill_logits(ids)
+    ids = np.random.default_rng(0).integers(0, vocab, prompt_length).tolist()
+    # export already ran this model's code (the pack's patched modeling file) with the user's consent
+    want = prefill_logits(model_dir, ids, trust_remote_code=True)
     got = np.asarray(MnnLlm(out).engine(ids, 1)["logits"], np.float32)
-    return [compare("llm", "logits", got, want.reshape(-1))]
+    return [compare("llm", "logits", got, want)]
 
 
 def check_against_onnx(onnx_dir: Path, mnn_dir: Path, graphs: list[GraphSpec]) -> list[Parity]:

@@ -118,25 +118,6 @@ class MnnLlm:
         return Generation(result["tokens"], result["prefill_ms"], len(steps) / sum(steps) if steps else 0.0, steps)
 
 
-class OnnxLogits(Runtime):
-    """The exported graphs on onnxruntime, keeping the head's logits: the reference MNN's engine is checked
-    against. One graph is loaded at a time (a prefill runs each once), so at 7B the reference holds one
-    block's weights, not the model's."""
-
-    def prefill_logits(self, prompt: list[int]) -> np.ndarray:
-        self.logits: list[np.ndarray] = []
-        self.generate(prompt, 1)
-        return self.logits[0]
-
-    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
-        from surgery.onnxio import run_once
-
-        outputs = run_once(self.dir / self.manifest.graph(name).file, feeds)
-        if name == "lm_head":
-            self.logits.append(outputs[0])
-        return outputs
-
-
 def open_mnn(directory: str | Path) -> MnnModel | MnnLlm:
     """The runtime for a `compile --chip mnn` directory: MNN's LLM engine for its layout, else our graphs."""
     from surgery.manifest import Manifest
