@@ -8,10 +8,12 @@ adapter into the patched directory's `lora/`, which makes the adapter part of th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from surgery.errors import SurgeryError
 from surgery.export.derived import DerivedIndex
-from surgery.export.lora import MergedIndex, read_adapter
+from surgery.export.lora import CONFIG, WEIGHTS, MergedIndex, read_adapter
 from surgery.export.quant_config import detect
 from surgery.export.quantized import DequantizedIndex
 from surgery.export.weights import SafetensorsIndex
@@ -36,3 +38,28 @@ def describe(model_dir: Path, config: dict) -> dict:
     lora = model_dir / LORA_DIR
     return {"quantization": quant.as_dict() | {"summary": quant.describe()} if quant else None,
             "lora": read_adapter(lora).summary() if lora.is_dir() else None}
+
+
+def check_lora(adapter: Path | None, mode: str) -> dict | None:
+    """Refuse a bad adapter or mode before any stage runs; return the adapter's fingerprint (so a changed
+    adapter re-runs the stages that read it), or None without one."""
+    if mode not in ("merged", "separate"):
+        raise SurgeryError(f"--lora-mode {mode!r}: choose merged or separate")
+    if adapter is None:
+        return None
+    if mode == "separate":
+        raise SurgeryError("--lora-mode separate is not supported yet (no runtime here switches adapters); use "
+                           "--lora-mode merged, which bakes the adapter into the weights")
+    read_adapter(adapter)
+    stats = {name: (adapter / name).stat() for name in (CONFIG, WEIGHTS)}
+    return {name: [st.st_size, int(st.st_mtime)] for name, st in stats.items()}
+
+
+def attach_lora(model_dir: Path, adapter: Path) -> None:
+    """Link the adapter into `model_dir/lora/`, making it part of the model every later stage reads."""
+    read_adapter(adapter)
+    dst = model_dir / LORA_DIR
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    for name in (CONFIG, WEIGHTS):
+        (dst / name).symlink_to((adapter / name).resolve())

@@ -18,6 +18,7 @@ import onnx
 
 from surgery.apply import RECORD, tool_versions
 from surgery.errors import SurgeryError
+from surgery.export.checkpoint import LORA_DIR, describe
 from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
 from surgery.export.source import export_spec_for, load_streaming
 from surgery.export.tables import Table, write_table
@@ -133,7 +134,8 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         graphs=graphs, bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
         chat_template=tokenizer.get("chat_template"), tokenizer_files=tokenizer["files"],
         embedding_file=embedding_file,
-        source={"model_dir": str(model_dir.resolve()), "pack": record["pack"], "hashes": record["hashes"]},
+        source={"model_dir": str(model_dir.resolve()), "pack": record["pack"], "hashes": record["hashes"],
+                "checkpoint": describe(model_dir, config)},  # GPTQ/AWQ quantization, LoRA adapter
         versions=tool_versions() | {"onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
     )
     manifest.write(out)
@@ -185,7 +187,8 @@ def _hashes(path: Path, tables: set[str]) -> dict[str, str] | None:
 
 def _weights_fingerprint(model_dir: Path) -> dict[str, list[int]]:
     """Size and mtime of each weights file: cheap, and changes when the weights do."""
-    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(model_dir.glob("*.safetensors"))}
+    files = [*sorted(model_dir.glob("*.safetensors")), *sorted((model_dir / LORA_DIR).glob("*"))]  # + an adapter
+    return {str(p.relative_to(model_dir)): [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
 
 
 def _version(dist: str) -> str:

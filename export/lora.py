@@ -35,7 +35,8 @@ class Adapter:
     scales: dict[str, float]
 
     def summary(self) -> dict:
-        return {"adapter": str(self.path), "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
+        return {"adapter": str((self.path / CONFIG).resolve().parent),  # the user's directory, not our link
+                "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
                 "use_rslora": bool(self.config.get("use_rslora")), "modules": len(self.modules),
                 "target_modules": self.config.get("target_modules")}
 

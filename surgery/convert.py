@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from surgery.apply import plan_apply, read_config, write_plan
 from surgery.compile.base import CompileOptions
 from surgery.compile.registry import adapter_for
 from surgery.errors import SurgeryError
+from surgery.export.checkpoint import attach_lora, check_lora
+from surgery.export.quant_config import detect
 from surgery.fsutil import atomic_write_json, link_or_copy, link_tree, sha256_text
 from surgery.manifest import Manifest
 from surgery.outputs import Output, claim
 from surgery.packs import ApplyOptions, check_seq_length, resolve_pack
+from surgery.source_quant import resolve, source_summary
 from surgery.stages import Stage, run_stages
 
 STATE = "convert.json"
@@ -31,8 +34,8 @@ class ConvertOptions:
     model_path: Path
     out_dir: Path
     seq_length: int = 512
-    quantize: str = "w4bf16"
-    q_group_size: int = 64
+    quantize: str | None = None  # None: from a GPTQ/AWQ checkpoint, else w4bf16 (surgery/source_quant.py)
+    q_group_size: int | None = None  # None: the checkpoint's group size, else 64
     chip: str = "bm1684x"
     num_device: int = 1
     num_core: int = 1
@@ -46,6 +49,8 @@ class ConvertOptions:
     executor: str = "local"  # or "ray": graph builds on a Ray cluster (compile/executors.py)
     address: str | None = None  # the Ray cluster
     layout: str = "runtime"  # the adapter's output layout (compile/base.py)
+    lora: Path | None = None  # a PEFT adapter merged into the weights (export/lora.py)
+    lora_mode: str = "merged"
 
     def compile_options(self) -> CompileOptions:
         return CompileOptions(self.chip, self.quantize, self.q_group_size, self.symmetric, self.num_core,
@@ -55,6 +60,9 @@ class ConvertOptions:
 def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None) -> dict:
     model, out = Path(o.model_path), Path(o.out_dir)
     config = read_config(model)[0]
+    quantize, group = resolve(o.quantize, o.q_group_size, detect(model, config))  # GPTQ/AWQ: from the checkpoint
+    o = replace(o, quantize=quantize, q_group_size=group)
+    lora = check_lora(o.lora, o.lora_mode)
     pack = resolve_pack(o.pack, config)
     adapter = adapter_for(o.chip)
     adapter.preflight(o.compile_options())  # options and toolchain: before hours of work, not after
@@ -73,6 +81,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     def do_apply(dst: Path) -> dict:
         plan = plan_apply(pack, model, ApplyOptions(seq_length=o.seq_length, dtype="fp32"))
         write_plan(plan, dst, force=True)
+        if o.lora is not None:
+            attach_lora(dst, o.lora)
         return {"diff": plan.diff(), "patches": [r.as_dict() for r in plan.results]}
 
     def do_export(dst: Path) -> dict:
@@ -104,13 +114,16 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         finally:
             if executor is not None:
                 executor.close()
-        return {"parity": compiled.compiled.parity}
+        source = source_summary(stages_dir / "apply", config, adapter.name, o.compile_options())
+        return {"parity": compiled.compiled.parity, "source": source}
 
     model_hash = sha256_text(json.dumps({p.name: [p.stat().st_size, int(p.stat().st_mtime)]
                                          for p in sorted(model.iterdir()) if p.is_file()}, sort_keys=True))
-    opts = {k: str(v) for k, v in asdict(o).items() if k not in ("out_dir", "jobs", "force", "executor", "address")}
+    opts = {k: str(v) for k, v in asdict(o).items() if k not in ("out_dir", "jobs", "force", "executor", "address")
+            and (o.lora is not None or k not in ("lora", "lora_mode"))}  # float runs keep their old keys
     stages = [
-        Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length}),
+        Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length,
+                                  **({"lora": lora} if lora else {})}),
         Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check}),
         Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check,
                                          "passes": adapter.compiles_graphs(o.compile_options())}),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from surgery.fsutil import atomic_write_text
 from surgery.manifest import Manifest
+from surgery.source_quant import report_lines
 
 STAGES = [("export", "torch -> ONNX"), ("optimize", "ONNX -> optimized"), ("compile", "optimized -> compiled")]
 COLORS = {"export": "#4c78a8", "optimize": "#f58518", "compile": "#54a24b"}
@@ -101,8 +102,9 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
     stage_head = ["stage", "seconds", "peak RSS, process tree (MB)", "peak RSS, largest process (MB)"]
 
     runs_on = running_it(out, options)
-    md = [f"# surgery convert: {title}", "", "## Running it", "", runs_on, "", "## Time and memory per stage", "",
-          "| " + " | ".join(stage_head) + " |", "|---|---|---|---|"]
+    source = report_lines(results.get("compile", {}).get("source"))
+    md = [f"# surgery convert: {title}", "", "## Running it", "", runs_on, "", *source,
+          "## Time and memory per stage", "", "| " + " | ".join(stage_head) + " |", "|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in stage_rows]
     md += ["", "## Similarity per graph (worst output cosine)", "",
            "| graph | " + " | ".join(label for _, label in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
@@ -137,6 +139,8 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
     sections = [
         f"<h1>surgery convert</h1><p>{html.escape(title)}</p>",
         f"<h2>Running it</h2><p>{html.escape(runs_on)}</p>",
+        *([f"<h2>Source checkpoint</h2><p>{'<br>'.join(html.escape(x) for x in source[2:] if x)}</p>"]
+          if source else []),
         "<h2>Similarity at every stage</h2><p>Per graph, the worst output's 1 - cosine against the stage before "
         "(lower is better; hover a bar for the value).</p>" + chart(table),
         f"<table><tr><th>graph</th>{similarity_head}</tr>{similarity_rows}</table>",

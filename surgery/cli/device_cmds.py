@@ -103,9 +103,15 @@ def convert_cmd(
     model_path: Annotated[Path, typer.Option("--model_path", "-m", help="Hugging Face model directory.")],
     out_dir: Annotated[Path, typer.Option("--out_dir", "-o", help="Bundle directory.")],
     seq_length: Annotated[int, typer.Option("--seq_length", "-s", min=2, help="Static sequence length.")] = 512,
-    quantize: Annotated[str, typer.Option("--quantize", "-q", help="bf16, f16, w8bf16, w4bf16, w8f16, w4f16 "
-                                          "(mnn: w8*/w4* pick 8/4-bit weights).")] = "w4bf16",
-    q_group_size: Annotated[int, typer.Option("--q_group_size", "-g", help="Weight group size.")] = 64,
+    quantize: Annotated[str | None, typer.Option("--quantize", "-q", help="bf16, f16, w8bf16, w4bf16, w8f16, "
+                                                 "w4f16 (mnn: w8*/w4* pick 8/4-bit weights) [default: w4bf16; a "
+                                                 "GPTQ/AWQ checkpoint's own bits]")] = None,
+    q_group_size: Annotated[int | None, typer.Option("--q_group_size", "-g", help="Weight group size [default: "
+                                                     "64; a GPTQ/AWQ checkpoint's own]")] = None,
+    lora: Annotated[Path | None, typer.Option("--lora", help="A PEFT LoRA adapter directory, merged into the "
+                                              "weights at export.")] = None,
+    lora_mode: Annotated[str, typer.Option("--lora-mode", help="merged (separate: not supported yet).")
+                         ] = "merged",
     chip: Annotated[str, typer.Option("--chip", "-c", help="The chip; see `surgery chips`.")] = "bm1684x",
     num_device: Annotated[int, typer.Option("--num_device", help="Devices.")] = 1,
     num_core: Annotated[int, typer.Option("--num_core", help="Cores (bm1688: 2).")] = 1,
@@ -132,7 +138,7 @@ def convert_cmd(
 
     options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
                              num_core, symmetric, max_input_length, embedding_disk, trust_remote_code, jobs,
-                             check.value, force, executor.value, address, layout)
+                             check.value, force, executor.value, address, layout, lora, lora_mode)
     with progress("converting:", as_json) as report:
         result = convert(options, progress=report)
     if as_json:

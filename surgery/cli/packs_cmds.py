@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -107,7 +108,9 @@ def list_cmd(as_json: Json = False) -> None:
 @app.command("fixture")
 def fixture_cmd(
     kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm, internlm2, minicpm, baichuan (remote "
-                                             "code), llama, qwen2, qwen3, mistral, phi3.")],
+                                             "code), llama, qwen2, qwen3, mistral, phi3; qwen2-gptq, "
+                                             "qwen2-gptq-actorder, qwen2-awq (quantized checkpoints), qwen2-lora "
+                                             "(a PEFT adapter for the qwen2 fixture).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
                                                       "(default: qwen 2023-11, chatglm 2023-07; a wrong one lists "
@@ -120,7 +123,10 @@ def fixture_cmd(
     Example: surgery fixture qwen --out ./tiny-qwen --revision 2023-12
     """
     from surgery.fixtures import baichuan, chatglm, internlm2, minicpm, qwen_v1
+    from surgery.fixtures.lora import build_lora
     from surgery.fixtures.native import FAMILIES, build_native
+    from surgery.fixtures.quantized import FIXTURES as QUANTIZED
+    from surgery.fixtures.quantized import build_quantized
     from surgery.fsutil import staged_directory
     from surgery.outputs import claim, write_record
 
@@ -129,8 +135,9 @@ def fixture_cmd(
               "internlm2": (internlm2.build, internlm2.REVISIONS, "2024-01"),
               "minicpm": (minicpm.build, minicpm.REVISIONS, "2024-02"),
               "baichuan": (baichuan.build, baichuan.REVISIONS, "7b")}  # family -> builder, styles, default
-    if kind not in remote and kind not in FAMILIES:
-        raise SurgeryError(f"no fixture named {kind!r}; available: {', '.join([*remote, *FAMILIES])}")
+    derived = [*QUANTIZED, "qwen2-lora"]  # a GPTQ/AWQ checkpoint, or a LoRA adapter for the qwen2 fixture
+    if kind not in remote and kind not in FAMILIES and kind not in derived:
+        raise SurgeryError(f"no fixture named {kind!r}; available: {', '.join([*remote, *FAMILIES, *derived])}")
     if kind in remote:
         build, revisions, default = remote[kind]
         revision = revision or default
@@ -140,6 +147,11 @@ def fixture_cmd(
     with staged_directory(out_dir) as stage:
         if kind in remote:
             build(stage, revision=revision, seed=seed)
+        elif kind in QUANTIZED:
+            build_quantized(stage, QUANTIZED[kind], seed=seed)
+        elif kind == "qwen2-lora":
+            build_lora(build_native("qwen2", stage / "base"), stage, seed=seed)
+            shutil.rmtree(stage / "base")
         else:
             build_native(kind, stage, seed=seed)
         write_record(stage, "fixture", {})

@@ -1,0 +1,77 @@
+"""`-q` and `-g` for `surgery convert` when the input is already quantized, and what the report says
+about the source checkpoint.
+
+A GPTQ/AWQ checkpoint's calibration is what its user paid for: the compiler should keep its bit width and
+use groups no coarser than the checkpoint's, so convert takes both from the checkpoint when they are not
+given, and refuses an explicit choice that contradicts it (one line, naming the option) rather than
+silently deploying something the user did not ask for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgery.compile.base import CompileOptions
+from surgery.errors import SurgeryError
+from surgery.export.quant_config import SourceQuant
+from surgery.requantize import measure, weight_bits
+
+DEFAULT_QUANTIZE, DEFAULT_GROUP = "w4bf16", 64
+
+
+def resolve(quantize: str | None, group: int | None, quant: SourceQuant | None) -> tuple[str, int]:
+    """The `-q` and `-g` to compile with: as given, else from the checkpoint, else the defaults."""
+    if quant is None:
+        return (DEFAULT_QUANTIZE if quantize is None else quantize), (DEFAULT_GROUP if group is None else group)
+    if quantize is None:
+        quantize = f"w{quant.bits}bf16"
+    elif weight_bits(quantize) != quant.bits:
+        raise SurgeryError(f"-q {quantize} contradicts the checkpoint, which is {quant.method.upper()} "
+                           f"int{quant.bits} ({quant.source}); use -q w{quant.bits}bf16 or w{quant.bits}f16, or "
+                           "leave -q out")
+    if group is None:
+        return quantize, quant.group_size if quant.group_size > 0 else DEFAULT_GROUP
+    if quant.group_size > 0 and quant.group_size % group:
+        raise SurgeryError(f"-g {group} contradicts the checkpoint's group_size {quant.group_size} "
+                           f"({quant.source}); use a divisor of it, or leave -g out")
+    return quantize, group
+
+
+def source_summary(model_dir: Path, config: dict, adapter: str, options: CompileOptions) -> dict:
+    """The checkpoint's quantization and adapter, and (for a quantized one) whether and how much the
+    compiler's second quantization changes its weights."""
+    from surgery.export.checkpoint import describe, open_checkpoint
+    from surgery.export.quantized import DequantizedIndex
+
+    summary = describe(model_dir, config)
+    if summary["quantization"] is None:
+        return summary
+    index = open_checkpoint(model_dir, config)
+    inner = index
+    while not isinstance(inner, DequantizedIndex):
+        inner = inner.base
+    return summary | {"compiler": measure(index, inner.modules, adapter, options)}
+
+
+def report_lines(source: dict | None) -> list[str]:
+    """Markdown for the report's "Source checkpoint" section (empty for a plain float checkpoint)."""
+    if not source or (source.get("quantization") is None and source.get("lora") is None):
+        return []
+    lines = ["## Source checkpoint", ""]
+    quant = source.get("quantization")
+    if quant:
+        lines.append(f"Quantization: {quant['summary']}, declared in {quant['source']}; exported as its exactly "
+                     "dequantized weights.")
+        compiler = source.get("compiler", {})
+        if compiler.get("requantizes"):
+            lines.append(f"The compiler re-quantizes: {compiler['how']}. Re-quantized vs checkpoint weights over "
+                         f"{compiler['linears']} Linears: worst cosine {compiler['min_cosine']:.7f} "
+                         f"({compiler['worst']}), mean {compiler['mean_cosine']:.7f}.")
+        else:
+            lines.append(f"The compiler re-quantizes: {'no' if compiler.get('requantizes') is False else 'unknown'}"
+                         f" ({compiler.get('how', '-')}).")
+    lora = source.get("lora")
+    if lora:
+        lines.append(f"LoRA adapter {lora['adapter']}: r {lora['r']}, lora_alpha {lora['lora_alpha']}, rsLoRA "
+                     f"{'yes' if lora['use_rslora'] else 'no'}, {lora['modules']} Linears, merged into the weights.")
+    return lines + [""]
