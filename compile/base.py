@@ -121,6 +121,9 @@ def prepare(adapter: Adapter, onnx_dir: Path, out: Path, options: CompileOptions
         raise SurgeryError(f"{onnx_dir} has opset {manifest.opset} graphs; {adapter.name} takes opset "
                            f"{adapter.max_opset}: run `surgery optimize {onnx_dir} --target "
                            f"{adapter.target(options.chip)}` (or export with the torchscript exporter) first")
+    if adapter.compiles_graphs(options) and not manifest.graphs:
+        raise SurgeryError(f"{onnx_dir} holds no graphs (it was exported for a compiler that builds from the patched "
+                           "model); export it again with `surgery export`")
     owned = claim(out, "compile", {"export": onnx_dir})
     owned.add("manifest.json", *host_files(manifest))
     return onnx_dir, out, manifest, owned

@@ -93,8 +93,9 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         checked.add(table.file)
 
     graphs, table_files = [], {}
-    for job in plan_jobs(model, spec, options.seq_length, options.dtype, options.blocks,
-                         embedding_graphs=not options.embedding_disk):
+    jobs = plan_jobs(model, spec, options.seq_length, options.dtype, options.blocks,
+                     embedding_graphs=not options.embedding_disk) if options.graphs else []
+    for job in jobs:
         path = out / f"{job.name}.onnx"
         tables = _tables_for(job, resident, options, table_files)
         for table in tables.values():
@@ -129,7 +130,8 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         model_type=config["model_type"], architecture=(config.get("architectures") or ["?"])[0],
         seq_length=options.seq_length, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
         num_kv_heads=spec.num_kv_heads(cfg), head_dim=spec.head_dim(cfg), num_layers=n_layers,
-        vocab_size=cfg.vocab_size, dtype=options.dtype, opset=max(_opset(out / g.file) for g in graphs),
+        vocab_size=cfg.vocab_size, dtype=options.dtype,
+        opset=max((_opset(out / g.file) for g in graphs), default=options.opset),
         exporter=options.exporter,
         graphs=graphs, bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
         chat_template=tokenizer.get("chat_template"), tokenizer_files=tokenizer["files"],

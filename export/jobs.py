@@ -26,6 +26,7 @@ class ExportOptions:
     embedding_disk: bool = False  # a raw bf16 table for the host instead of embedding graphs
     exporter: str = "torchscript"  # or "dynamo" (torch.export based; may raise the opset to 18)
     table_dtype: str | None = None  # vocabulary tables: None = the graphs' dtype
+    graphs: bool = True  # False: manifest and host files only, for a compiler that builds from the patched model
 
 
 @dataclass

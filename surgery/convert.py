@@ -77,6 +77,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     owned.add("stages/", STATE, "report.md", "report.html", "runtime_config.json", "manifest.json")
     stages_dir = out / "stages"
     table_dtype = adapter.table_dtype(o.compile_options())
+    graphs = adapter.compiles_graphs(o.compile_options())  # MNN's engine is built from the patched model
 
     def do_apply(dst: Path) -> dict:
         plan = plan_apply(pack, model, ApplyOptions(seq_length=o.seq_length, dtype="fp32"))
@@ -90,8 +91,9 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         from surgery.export.verify import verify_export
 
         export_model(stages_dir / "apply", dst, ExportOptions(seq_length=o.seq_length, embedding_disk=o.embedding_disk,
-                                                              trust_remote_code=trust, table_dtype=table_dtype))
-        rows = verify_export(dst, trust_remote_code=trust, level=o.check) if o.check != "none" else []
+                                                              trust_remote_code=trust, table_dtype=table_dtype,
+                                                              graphs=graphs))
+        rows = verify_export(dst, trust_remote_code=trust, level=o.check) if graphs and o.check != "none" else []
         return {"parity": [r.as_dict() for r in rows]}
 
     def do_optimize(dst: Path) -> dict:
@@ -114,7 +116,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
         finally:
             if executor is not None:
                 executor.close()
-        source = source_summary(stages_dir / "apply", config, adapter.name, o.compile_options())
+        kept = compiled.compiled.details.get("checkpoint_codes") or []  # linears compiled from the checkpoint's codes
+        source = source_summary(stages_dir / "apply", config, adapter.name, o.compile_options(), kept)
         return {"parity": compiled.compiled.parity, "source": source}
 
     model_hash = sha256_text(json.dumps({p.name: [p.stat().st_size, int(p.stat().st_mtime)]
@@ -124,7 +127,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     stages = [
         Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length,
                                   **({"lora": lora} if lora else {})}),
-        Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check}),
+        Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check,
+                                     "graphs": graphs}),
         Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check,
                                          "passes": adapter.compiles_graphs(o.compile_options())}),
         Stage("compile", do_compile, opts),

@@ -78,3 +78,17 @@ def test_convert_to_onnx_bundle(tmp_path: Path):
     assert runtime_config["adapter"] == "onnx" and set(result["timings"]) == {"apply", "export", "optimize",
                                                                                 "compile"}
     assert len(OnnxModel(tmp_path / "bundle").generate([1, 2, 3], 4).tokens) == 4
+
+
+def test_an_export_without_graphs_is_refused_by_graph_compilers(tmp_path: Path):
+    """`convert -c mnn` exports only the manifest and host files (its engine is built from the patched model);
+    a compiler that needs the graphs says so in one line instead of compiling nothing."""
+    from surgery.export.exporter import ExportOptions, export_model
+
+    export_native("qwen2", tmp_path)
+    manifest = export_model(tmp_path / "patched", tmp_path / "bare",
+                            ExportOptions(seq_length=32, trust_remote_code=True, graphs=False))
+    assert manifest.graphs == [] and not list((tmp_path / "bare").glob("*.onnx"))
+    assert manifest.tokenizer_files and all((tmp_path / "bare" / f).is_file() for f in manifest.tokenizer_files)
+    with pytest.raises(SurgeryError, match="holds no graphs"):
+        adapter_for("onnx").compile(tmp_path / "bare", tmp_path / "out", CompileOptions("onnx", "fp32", 64))

@@ -69,6 +69,11 @@ def test_mnn_bundle_runs(model: Path, tmp_path: Path):
     # the engine graph is traced from the patched model: no optimize passes run for it
     stages = json.loads((out / "convert.json").read_text())["stages"]
     assert stages["optimize"]["result"]["graphs"] == {} and "patched model" in stages["optimize"]["result"]["skipped"]
+    # ...nor any per-block ONNX graph exported: the engine's check runs the patched model itself
+    export = out / "stages" / "export"
+    assert (export / "manifest.json").is_file() and not list(export.glob("*.onnx"))
+    assert stages["export"]["result"]["parity"] == []
+    assert json.loads((out / "manifest.json").read_text())["compiled"]["parity"][0]["cosine"] >= 0.999
     assert len(open_runtime(out).generate([3, 5, 7, 11], 6).tokens) == 6
 
 
