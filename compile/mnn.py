@@ -114,7 +114,7 @@ class MnnAdapter(Adapter):
                 "commands": {g.name: ["MNNConvert", *convert_args(g, onnx_dir / g.file, out / f"{g.name}.mnn", bits,
                                                                    block)] for g in manifest.graphs}})
         compiled.write(out)
-        rows = check_against_onnx(onnx_dir, out, sampled(manifest, options.check))
+        rows = check_against_onnx(onnx_dir, out, sampled(manifest, options.check, costly=True))
         # token indices are compared for the record only: equal logits (ties) may be ordered either way
         return finish(out, compiled, rows, {DELTA: MIN_DELTA[bits]}, MIN_COSINE[bits],
                       f"MNN with {bits or 'float'} weights")
@@ -162,6 +162,7 @@ class MnnAdapter(Adapter):
             details={"layout": "llm", "loaded_by": "MNN.llm.create(config.json)", "weight_quant_bits": bits,
                      "weight_quant_block": block if bits else None, "tie_embeddings": tie,
                      "linear_weights_written_by": built["linear_weights"],
+                     "checkpoint_codes": built["checkpoint_codes"],  # linears stored with a GPTQ/AWQ's own codes
                      "commands": built["commands"]})
         compiled.write(out)
         rows = check_llm(model_dir, out, built["vocab_size"]) if options.check != "none" else []

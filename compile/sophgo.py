@@ -95,7 +95,7 @@ class SophgoAdapter(Adapter):
                          "build_seconds": built_seconds(work, jobs)})
             compiled.write(out)
             rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
-                            sampled(manifest, options.check), manifest.vocab_size, work,
+                            sampled(manifest, options.check, costly=True), manifest.vocab_size, work,
                             compiled.compiled.details.setdefault("simulate_seconds", {}))
         shutil.rmtree(work / "tables", ignore_errors=True)  # compiler intermediates: GBs at 7B
         for scratch in work.glob("*/*weight*.npz"):

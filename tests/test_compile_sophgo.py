@@ -137,3 +137,21 @@ def test_a_relative_cache_path_is_made_absolute(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setenv("SURGERY_CACHE", "build/cache")
     assert cache_dir().is_absolute() and cache_dir() == Path.cwd() / "build" / "cache" / "sophgo"
+
+
+def test_sample_on_a_simulator_runs_three_layers():
+    """`sample` checks every decode block on onnxruntime, but on a simulator the first, a middle and the last
+    (an 80-layer model: 3 simulations, not 80); `all` runs everything either way."""
+    from types import SimpleNamespace
+
+    from surgery.checks import sampled
+
+    kinds = ["embedding", "embedding_cache", *(["block", "block_cache"] * 8), "lm_head", "greedy_head"]
+    layers = [None, None, *(i // 2 for i in range(16)), None, None]
+    graphs = [SimpleNamespace(name=f"{k}_{n}", kind=k, layer=n) for k, n in zip(kinds, layers, strict=True)]
+    manifest = SimpleNamespace(graphs=graphs)
+    cheap, costly = sampled(manifest, "sample"), sampled(manifest, "sample", costly=True)
+    assert [g.layer for g in cheap if g.kind == "block_cache"] == list(range(8))
+    assert [g.layer for g in costly if g.kind == "block_cache"] == [0, 4, 7]
+    assert {g.kind for g in costly} == {"embedding", "embedding_cache", "block_cache", "lm_head"}
+    assert sampled(manifest, "all", costly=True) == graphs and sampled(manifest, "none") == []

@@ -47,8 +47,9 @@ Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the mode
 Force = Annotated[bool, typer.Option("--force", help="Replace an output surgery wrote for other inputs (never a "
                                                      "directory surgery did not write).")]
 Jobs = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Graphs compiled in parallel.")]
-Checks = Annotated[Check, typer.Option(help="Graphs checked: none, sample (embeddings, every decode block, head) "
-                                            "or all (also prefill blocks and weightless heads).")]
+Checks = Annotated[Check, typer.Option(help="Graphs checked: none, sample (embeddings, every decode block, head; on a "
+                                            "simulator the first, a middle and the last layer's decode block) or all "
+                                            "(also prefill blocks and weightless heads).")]
 Executors = Annotated[Executor, typer.Option(help="Where graph builds run: local workers, or a Ray cluster "
                                                   "(Sophgo; pip install 'llm-surgery[ray]').")]
 Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address for --executor ray "
