@@ -67,7 +67,7 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
     from surgery.export.engine import export_engine_graph
 
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}llm-", dir=out))
-    weights = None
+    weights, kept = None, []
     try:
         # export already ran this model's code (the pack's patched modeling file) with the user's consent
         facts, weights = export_engine_graph(model_dir, stage / "llm.onnx", trust_remote_code=True,
@@ -87,7 +87,11 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
             from surgery.compile.mnn_weights import write_linears
 
             (stage / "stage.mnn.weight").touch()  # absent when the rest of the graph had no external weights
-            write_linears(graph, stage / "stage.mnn.weight", weights, bits, block, symmetric)
+            from surgery.compile.mnn_codes import CheckpointCodes
+
+            own = CheckpointCodes(weights)  # a GPTQ/AWQ checkpoint's codes go in as they are
+            write_linears(graph, stage / "stage.mnn.weight", weights, bits, block, symmetric, codes=own)
+            kept = own.used
             weights.close()
         tie = None
         if bits and facts["tie_word_embeddings"]:  # the head's rows as the embedding (compile/mnn_tie.py)
@@ -101,7 +105,8 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
         os.replace(stage / "stage.mnn.weight", out / WEIGHT)  # the JSON kept its offsets into this file
         os.replace(stage / MODEL, out / MODEL)
         return {**facts, "tie_embeddings": tie, "commands": [["MNNConvert", *a] for a in steps],
-                "linear_weights": "surgery (compile/mnn_weights.py)" if weights else "MNNConvert"}
+                "linear_weights": "surgery (compile/mnn_weights.py)" if weights else "MNNConvert",
+                "checkpoint_codes": kept}
     finally:
         if weights is not None:
             weights.close()

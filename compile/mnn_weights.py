@@ -129,10 +129,13 @@ def linear_ops(op: dict, graph: dict, external: list[int], wide: bool, bits: int
 
 
 def write_linears(graph: dict, weight_file: Path, fetch: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]],
-                  bits: int, block: int, symmetric: bool, progress: Callable[[str], None] = lambda s: None) -> int:
+                  bits: int, block: int, symmetric: bool, progress: Callable[[str], None] = lambda s: None,
+                  codes: Callable | None = None) -> int:
     """Replace every `Extra(WeightlessLinear)` op of `graph` (in place), appending its weights to
-    `weight_file`; returns how many. A linear shared by two ops (a tied head read twice) is written once."""
-    written: dict[str, tuple[list[int], bool, int]] = {}
+    `weight_file`; returns how many. A linear shared by two ops (a tied head read twice) is written once.
+    `codes(name, bits, block)` may give a pre-quantized checkpoint's own codes for a linear
+    (compile/mnn_codes.py), which are then stored as they are instead of quantizing the float weight."""
+    written: dict[str, tuple[list[int], bool, int, bool]] = {}
     out, count = [], 0
     with open(weight_file, "ab") as file:
         for op in graph["oplists"]:
@@ -148,10 +151,16 @@ def write_linears(graph: dict, weight_file: Path, fetch: Callable[[str], tuple[t
                     raise SurgeryError(f"{a['name']}: the checkpoint's weight {tuple(weight.shape)} does not match the "
                                        f"traced linear ({a['out_features']}, {a['in_features']})")
                 size = block_for(a["in_features"], block)
-                written[a["name"]] = (*write_linear(file, weight, bias, bits, size, symmetric), size)
-                del weight, bias
-            external, wide, size = written[a["name"]]
-            out.extend(linear_ops(op, graph, external, wide, bits, size, symmetric))
+                own = codes(a["name"], bits, size) if codes is not None else None
+                if own is not None:
+                    from surgery.compile.mnn_codes import write_codes
+
+                    written[a["name"]] = (*write_codes(file, own, bias), size, False)  # stored asymmetric
+                else:
+                    written[a["name"]] = (*write_linear(file, weight, bias, bits, size, symmetric), size, symmetric)
+                del weight, bias, own
+            external, wide, size, sym = written[a["name"]]
+            out.extend(linear_ops(op, graph, external, wide, bits, size, sym))
             count += 1
     graph["oplists"] = out
     return count

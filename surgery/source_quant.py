@@ -37,9 +37,11 @@ def resolve(quantize: str | None, group: int | None, quant: SourceQuant | None) 
     return quantize, group
 
 
-def source_summary(model_dir: Path, config: dict, adapter: str, options: CompileOptions) -> dict:
+def source_summary(model_dir: Path, config: dict, adapter: str, options: CompileOptions,
+                   kept: list[str] = ()) -> dict:
     """The checkpoint's quantization and adapter, and (for a quantized one) whether and how much the
-    compiler's second quantization changes its weights."""
+    compiler's second quantization changes its weights; `kept`: the Linears the compiler was handed as the
+    checkpoint's own codes (compile/mnn_codes.py), which are not re-quantized."""
     from surgery.export.checkpoint import describe, open_checkpoint
     from surgery.export.quantized import DequantizedIndex
 
@@ -50,7 +52,10 @@ def source_summary(model_dir: Path, config: dict, adapter: str, options: Compile
     inner = index
     while not isinstance(inner, DequantizedIndex):
         inner = inner.base
-    return summary | {"compiler": measure(index, inner.modules, adapter, options)}
+    requantized = [m for m in inner.modules if m not in set(kept)]
+    compiler = measure(index, requantized, adapter, options) if requantized else {
+        "requantizes": False, "how": f"{adapter} stores every quantized Linear with the checkpoint's own codes"}
+    return summary | {"compiler": compiler | {"kept_codes": len(kept), "quantized_linears": len(inner.modules)}}
 
 
 def report_lines(source: dict | None) -> list[str]:
@@ -63,6 +68,9 @@ def report_lines(source: dict | None) -> list[str]:
         lines.append(f"Quantization: {quant['summary']}, declared in {quant['source']}; exported as its exactly "
                      "dequantized weights.")
         compiler = source.get("compiler", {})
+        if compiler.get("kept_codes"):
+            lines.append(f"{compiler['kept_codes']} of {compiler['quantized_linears']} quantized Linears are stored "
+                         "with the checkpoint's own codes and scales (no second quantization).")
         if compiler.get("requantizes"):
             lines.append(f"The compiler re-quantizes: {compiler['how']}. Re-quantized vs checkpoint weights over "
                          f"{compiler['linears']} Linears: worst cosine {compiler['min_cosine']:.7f} "
