@@ -50,8 +50,14 @@ class ArchSpec:
 
 
 def qwen_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen-v1 remote code: the model's own rotary module, [1, seq, 1, D] -> [seq, D]."""
-    cos, sin = model.transformer.rotary_emb(seq)
+    """Qwen-v1 remote code: the model's own rotary module, [1, seq, 1, D] -> [seq, D]. The August 2023 revision
+    has one per attention (all alike), returning the angles, whose cos and sin its `apply_rotary_pos_emb` took."""
+    rotary = getattr(model.transformer, "rotary_emb", None)
+    if rotary is None:
+        angles = model.transformer.h[0].attn.rotary_emb(seq)
+        cos, sin = angles.cos(), angles.sin()
+    else:
+        cos, sin = rotary(seq)
     return cos[0, :, 0].detach().clone(), sin[0, :, 0].detach().clone()
 
 
@@ -59,7 +65,7 @@ def qwen_block(block, hidden, cos, sin, mask, past):
     """Qwen-v1 remote code: a `QWenBlock` patched by the qwen pack (returns this step's K/V as present).
 
     From October 2023 the block takes a per-sample `rotary_pos_emb_list`; the September revisions many
-    fine-tunes froze take one `rotary_pos_emb` [cos, sin] pair."""
+    fine-tunes froze take one `rotary_pos_emb` [cos, sin] pair, as August's do once patched."""
     rotary = [cos.unsqueeze(2), sin.unsqueeze(2)]
     if "rotary_pos_emb_list" in inspect.signature(block.forward).parameters:
         positions = {"rotary_pos_emb_list": [rotary]}

@@ -48,7 +48,8 @@ class _MaskRemovalInMethods(Rule):
 
 class RegisteredCausalMask(_MaskRemovalInMethods):
     """2023-09 and 2023-11 style: `attn_weights = torch.where(causal_mask, attn_weights, mask_value)` after
-    slicing `registered_causal_mask` and building `finfo.min`."""
+    slicing `registered_causal_mask` and building `finfo.min`. The 2023-08 style slices the attention's own
+    `self.bias` buffer into the same `causal_mask`, so this rule takes it too (its name is kept for reports)."""
 
     name = "registered_causal_mask (2023-09, 2023-11)"
     anchor = "`attn_weights = torch.where(causal_mask, ...)` in {methods}"
@@ -81,8 +82,8 @@ class TrilCausalMask(_MaskRemovalInMethods):
 
 
 class AddAttentionMask(Rule):
-    """2023-09 style: `_attn` takes `attention_mask` but never reads it (the registered causal mask was the
-    only mask there). With that mask removed the input mask has to apply, so add it to the scores before
+    """2023-08 and 2023-09 styles: `_attn` takes `attention_mask` but never reads it (the causal mask buffer
+    was the only mask there). With that mask removed the input mask has to apply, so add it to the scores before
     the softmax: `if attention_mask is not None: <scores> = <scores> + attention_mask`."""
 
     name = "add attention_mask before softmax (2023-09)"

@@ -1,7 +1,8 @@
-"""Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat, `model_type: qwen`), the 2023-09..2023-12 upstream revision styles.
+"""Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat, `model_type: qwen`), the 2023-08..2023-12 upstream revision styles.
 
 The edits people make by hand before exporting these models to NPUs, as codemods, plus what the
-remote code needs to load on transformers 5.x.
+remote code needs to load on transformers 5.x. Each revision style has some patch's target missing (no SDPA
+before October 2023, the attention's own rotary table only in August 2023): those report not applicable.
 """
 
 from functools import partial
@@ -25,11 +26,13 @@ from .common_rules import (
     contains,
 )
 from .import_rules import OptionalImport
+from .rotary_rules import RotaryFromCaller
 
 # transformers 5 builds the model on the meta device and leaves non-persistent buffers as uninitialised
 # memory; it then calls `_init_weights` on exactly the modules holding them. Rebuild them there. Revisions
 # before October 2023 keep logn and inv_freq as plain tensor attributes, which loading leaves on the meta
-# device: those are replaced, and the rotary module (no buffer, so never passed in) is reached via QWenModel.
+# device: those are replaced, and the rotary module (no buffer, so never passed in) is reached via its owner:
+# QWenModel, or each QWenAttention in August 2023, whose causal mask buffer is `bias`.
 RESTORE_BUFFERS = '''
 def _surgery_refill(module, name, value):
     if name in module._buffers:
@@ -38,22 +41,45 @@ def _surgery_refill(module, name, value):
         setattr(module, name, value)
 
 
+def _surgery_causal(buffer):
+    n = buffer.size(-1)
+    buffer.copy_(torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n))
+
+
 def _surgery_restore_buffers(module):
     if isinstance(module, QWenAttention):
         n = module.logn_tensor.size(1)
         logn = [math.log(i, module.seq_length) if i > module.seq_length else 1 for i in range(1, n + 1)]
         _surgery_refill(module, "logn_tensor", torch.tensor(logn)[None, :, None, None])
         module.masked_bias.fill_(-1e4)
+        if "bias" in module._buffers:
+            _surgery_causal(module.bias)
+            _surgery_restore_buffers(module.rotary_emb)
     elif isinstance(module, RotaryEmbedding):
         inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2).float() / module.dim))
         _surgery_refill(module, "inv_freq", inv_freq)
-    elif isinstance(module, QWenModel):
+    elif isinstance(module, QWenModel) and hasattr(module, "rotary_emb"):
         _surgery_restore_buffers(module.rotary_emb)
         if getattr(module, "registered_causal_mask", None) is not None:
-            n = module.registered_causal_mask.size(-1)
-            causal = torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
-            module.registered_causal_mask.copy_(causal)
+            _surgery_causal(module.registered_causal_mask)
 '''
+
+# 2023-08: what replaces the attention's own table and its use, and the branch `apply_rotary_pos_emb` gains
+PAIR_APPLY = """if isinstance(freqs, list):
+    cos, sin = freqs
+    rot_dim = cos.shape[-1]
+    t_, t_pass_ = t[..., :rot_dim].float(), t[..., rot_dim:].float()
+    t_ = (t_ * cos) + (_rotate_half(t_) * sin)
+    return torch.cat((t_, t_pass_), dim=-1).type_as(t)
+"""
+PAIR_ROTATE = """if rotary_pos_emb is None:
+    rotary_pos_emb = {own}
+    rotary_pos_emb = [rotary_pos_emb.cos(), rotary_pos_emb.sin()]
+cur_len = query.shape[1]
+q_pos_emb = k_pos_emb = [t[:, -cur_len:, :, :] for t in rotary_pos_emb]
+query = apply_rotary_pos_emb(query, q_pos_emb)
+key = apply_rotary_pos_emb(key, k_pos_emb)
+"""
 
 PRESENT = m.If(test=m.Name("use_cache"), body=contains(m.AssignTarget(m.Name("present"))))
 CACHE_CONCAT = m.If(test=m.Comparison(left=m.Name("layer_past"), comparisons=[IS_NOT_NONE]))
@@ -73,6 +99,10 @@ PATCHES = [
     Patch("attention-mask", "add the additive attention_mask in an `_attn` that never reads it",
           [AddAttentionMask], required=False,
           absent_reason="`_attn` already adds attention_mask in this revision"),
+    Patch("rotary-input", "each attention takes this step's [cos, sin] rows from its block's caller (2023-08)",
+          [partial(RotaryFromCaller, "rotary_pos_emb", "rotary_emb", "apply_rotary_pos_emb", "attn", PAIR_ROTATE,
+                   PAIR_APPLY)], required=False,
+          absent_reason="QWenModel builds the rotary table and passes it to every block in this revision"),
     Patch("present-kv", "take `present = (key, value)` before the cache concat: blocks return this step's K/V",
           [partial(HoistBefore, PRESENT, CACHE_CONCAT, name="hoist-present",
                    anchor="`if use_cache: present = ...` after `if layer_past is not None:` in one block",
@@ -118,7 +148,7 @@ def config_edits(opts: ApplyOptions) -> dict[str, object]:
 PACK = Pack(
     name="qwen",
     version="1.0.0",
-    summary="Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat), 2023-09 to 2023-12 revisions",
+    summary="Qwen-v1 remote code (Qwen-7B/1.8B/14B-Chat), 2023-08 to 2023-12 revisions",
     model_types=("qwen",),
     architectures=("QWenLMHeadModel",),
     files={"modeling_qwen.py": PATCHES},

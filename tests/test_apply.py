@@ -30,23 +30,26 @@ def outcomes(plan) -> dict[str, tuple[str, str | None]]:
 def test_rule_matched_per_revision(qwen_src: Path, revision: str):
     got = outcomes(plan_apply(QWEN, qwen_src, ApplyOptions()))
     # what each revision style lacks, so its patch is "not applicable" rather than an abort
-    absent = {"2023-09": {"sdpa-off", "sdpa-branch"}, "2023-11": {"attention-mask"},
-              "2023-12": {"full-divisor", "attention-mask"}}[revision]
+    absent = {"2023-08": {"sdpa-off", "sdpa-branch"}, "2023-09": {"sdpa-off", "sdpa-branch", "rotary-input"},
+              "2023-11": {"attention-mask", "rotary-input"},
+              "2023-12": {"full-divisor", "attention-mask", "rotary-input"}}[revision]
     if revision == "2023-12":
         assert got["causal-mask"] == ("applied", "tril causal mask (2023-12)")
     else:
         assert got["causal-mask"] == ("applied", "registered_causal_mask (2023-09, 2023-11)")
-    if revision == "2023-09":
+    if revision in ("2023-08", "2023-09"):
         assert got["attention-mask"] == ("applied", "add attention_mask before softmax (2023-09)")
+    if revision == "2023-08":
+        assert got["rotary-input"] == ("applied", "rotary-from-caller")
     assert {p: o for p, (o, _) in got.items()} == {p: "not applicable" if p in absent else "applied" for p in got}
-    assert len(got) == 9
+    assert len(got) == 10
 
 
 def test_not_applicable_says_why(qwen_src: Path, revision: str):
     """2023-09 predates SDPA: `sdpa-off` is reported with its reason instead of aborting on SUPPORT_TORCH2."""
     plan = plan_apply(QWEN, qwen_src, ApplyOptions())
     reasons = {r.patch: r.detail for r in plan.results if r.outcome is Outcome.NOT_APPLICABLE}
-    if revision == "2023-09":
+    if revision in ("2023-08", "2023-09"):
         assert reasons["sdpa-off"] == "this revision predates SDPA support (no SUPPORT_TORCH2 flag)"
     else:
         assert reasons["attention-mask"] == "`_attn` already adds attention_mask in this revision"
@@ -68,7 +71,7 @@ def test_output_directory_contents(qwen_src: Path, qwen_patched: Path):
     assert hashes["config.json"]["after"] == sha256_file(qwen_patched / "config.json")
     assert record["pack"]["name"] == "qwen" and record["options"]["seq_length"] == 64
     assert {"libcst", "transformers", "python"} <= set(record["versions"])
-    assert len(record["patches"]) == 9
+    assert len(record["patches"]) == 10
     assert not list(qwen_patched.parent.glob(".surgery-staging-*"))
 
 

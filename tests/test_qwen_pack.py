@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from surgery.export.arch import qwen_rope
+
 MASK_OPS = {"Where", "ConstantOfShape", "Equal"}
 MASKED = -10000.0  # the additive constant of the block contract (half precision cannot overflow)
 
@@ -35,17 +37,24 @@ def causal_mask(s: int) -> torch.Tensor:
 
 
 def rotary_kwargs(block: torch.nn.Module, rotary: list[torch.Tensor]) -> dict[str, object]:
-    """2023-09 blocks take one `rotary_pos_emb` [cos, sin] pair; later revisions a per-sample list."""
-    if "rotary_pos_emb_list" in inspect.signature(block.forward).parameters:
+    """2023-09 blocks (and 2023-08's once patched) take one `rotary_pos_emb` [cos, sin] pair; later revisions a
+    per-sample list; an unpatched 2023-08 block takes none (each attention computes its own)."""
+    params = inspect.signature(block.forward).parameters
+    if "rotary_pos_emb_list" in params:
         return {"rotary_pos_emb_list": [rotary]}
-    return {"rotary_pos_emb": rotary}
+    return {"rotary_pos_emb": rotary} if "rotary_pos_emb" in params else {}
+
+
+def rotary_table(model: torch.nn.Module, n: int) -> list[torch.Tensor]:
+    """[cos, sin], each [1, n, 1, D], from the model's own rotary module (the export reads the same)."""
+    return [x[None, :, None] for x in qwen_rope(model, n)]
 
 
 def run_blocks(model, ids: torch.Tensor, mask: torch.Tensor, past=None):
     """Embedding -> every block (with the given additive mask) -> ln_f -> lm_head; also each block's K/V."""
     t = model.transformer
     total = ids.shape[1] + (0 if past is None else past[0][0].shape[1])
-    rotary = t.rotary_emb(total)
+    rotary = rotary_table(model, total)
     hidden, presents = t.wte(ids), []
     for i, block in enumerate(t.h):
         out = block(hidden, **rotary_kwargs(block, rotary), layer_past=None if past is None else past[i],
@@ -87,7 +96,9 @@ def graph_ops(model, s: int = 8) -> set[str]:
     """Export block 0 (prefill, static shapes) with the TorchScript exporter and list its op types."""
     block = model.transformer.h[0]
     builtin_mask = getattr(model.transformer, "registered_causal_mask", None)  # the original's own mask
-    rotary = [x.detach() for x in model.transformer.rotary_emb(s)]
+    rotary = rotary_table(model, s)
+    mask_kwargs = ({"registered_causal_mask": builtin_mask}
+                   if "registered_causal_mask" in inspect.signature(block.forward).parameters else {})
 
     class Prefill(torch.nn.Module):
         def __init__(self):
@@ -95,7 +106,7 @@ def graph_ops(model, s: int = 8) -> set[str]:
             self.block = block
 
         def forward(self, hidden, mask):
-            out = self.block(hidden, **rotary_kwargs(block, rotary), registered_causal_mask=builtin_mask,
+            out = self.block(hidden, **rotary_kwargs(block, rotary), **mask_kwargs,
                              attention_mask=mask, use_cache=True)
             return out[0], out[1][0], out[1][1]
 
