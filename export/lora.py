@@ -111,6 +111,9 @@ class MergedIndex(DerivedIndex):
                                    "trained on this base model?")
         self.derived = {f"{module}.weight" for module in adapter.modules}
 
+    def derived_shape(self, name: str) -> list[int]:
+        return self.base.shape(name)
+
     def derive(self, name: str) -> torch.Tensor:
         module = name[: -len(".weight")]
         weight = self.base.read([name])[name]

@@ -42,6 +42,12 @@ class DequantizedIndex(DerivedIndex):
     def source_file(self, name: str) -> Path:
         return self.base.files[name[: -len(".weight")] + PACKED]
 
+    def derived_shape(self, name: str) -> list[int]:
+        """[out, in] from qweight's shape alone: GPTQ packs inputs into its rows, AWQ outputs into columns."""
+        rows, cols = self.base.shape(name[: -len(".weight")] + PACKED)
+        per = 32 // self.quant.bits
+        return [cols * per, rows] if self.quant.method == "awq" else [cols, rows * per]
+
     def derive(self, name: str) -> torch.Tensor:
         module = name[: -len(".weight")]
         parts = ["qweight", "qzeros", "scales"] + (["g_idx"] if f"{module}.g_idx" in self.base.files else [])

@@ -134,3 +134,20 @@ def test_lora_mode_separate_and_missing_files_are_refused(base: Path, tmp_path: 
         check_lora(adapter, "separate")
     with pytest.raises(SurgeryError, match="must hold adapter_config.json and adapter_model.safetensors"):
         check_lora(tmp_path, "merged")
+
+
+def test_apply_cli_links_the_adapter(base: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    adapter = build_lora(base, tmp_path / "adapter")
+    surgery, env = str(Path(sys.executable).with_name("surgery")), {**os.environ, "COLUMNS": "300"}
+    done = subprocess.run([surgery, "apply", "qwen2", "-m", str(base), "-o", str(tmp_path / "out"), "-s", "32",
+                           "--lora", str(adapter)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").resolve() == \
+        (adapter / "adapter_model.safetensors").resolve()
+    bad = subprocess.run([surgery, "apply", "qwen2", "-m", str(base), "-o", str(tmp_path / "out2"), "--lora",
+                          str(tmp_path)], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "must hold adapter_config.json" in bad.stderr and not (tmp_path / "out2").exists()

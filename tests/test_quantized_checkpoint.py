@@ -109,3 +109,17 @@ def test_declaration_without_packed_tensors_is_refused(tmp_path: Path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
     with pytest.raises(SurgeryError, match=r"weights hold no \*\.qweight tensor"):
         open_checkpoint(model, config)
+
+
+def test_quantized_head_reads_by_rows_without_its_shape_costing_a_dequantization(tmp_path: Path):
+    model = build_quantized(tmp_path / "m", QuantSpec(head=True), family="qwen3")
+    index = open_checkpoint(model, json.loads((model / "config.json").read_text()))
+    calls = []
+    derive = index.derive
+    index.derive = lambda name: calls.append(name) or derive(name)
+    assert index.shape("lm_head.weight") == [512, 64] and calls == []  # from qweight's shape
+    whole = derive("lm_head.weight")
+    chunks = [index.rows("lm_head.weight", start, start + 100) for start in range(0, 512, 100)]
+    assert torch.equal(torch.cat(chunks), whole) and calls == ["lm_head.weight"]  # dequantized once
+    with index.open("lm_head.weight") as view:
+        assert torch.equal(view[3:5], whole[3:5])

@@ -32,6 +32,8 @@ def apply_cmd(
     load_only: Annotated[bool, typer.Option("--load-only", help="Only the patches that make the unchanged "
                                             "model load on the installed transformers.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the unified diff; write nothing.")] = False,
+    lora: Annotated[Path | None, typer.Option("--lora", help="A PEFT LoRA adapter directory, linked into the "
+                                              "output's lora/ so export merges it into the weights.")] = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -40,8 +42,10 @@ def apply_cmd(
     Example: surgery apply qwen --model ./Qwen-7B-Chat --seq-length 512
     """
     from surgery.apply import default_out, plan_apply, read_config, write_plan
+    from surgery.export.checkpoint import attach_lora, check_lora
     from surgery.packs import ApplyOptions, resolve_pack
 
+    check_lora(lora, "merged")
     chosen = resolve_pack(pack, read_config(model)[0] if pack == "auto" else {})
     options = ApplyOptions(seq_length=seq_length, dtype=dtype.value if dtype else None,
                            only=chosen.load_only if load_only else ids(only), skip=ids(skip))
@@ -55,8 +59,13 @@ def apply_cmd(
         else:
             sys.stdout.write(plan.diff() or "# nothing to change: every patch is already applied\n")
         return
+    if lora is not None and not plan.changed:
+        raise SurgeryError(f"{model} needs no patches, so nothing is written to attach --lora to; apply to the "
+                           "original model, or link the adapter into the model's lora/ folder")
     if plan.changed:
         write_plan(plan, target, force=force)
+        if lora is not None:
+            attach_lora(target, lora)
         summary["out"] = str(target)
     if as_json:
         emit_json(summary)
