@@ -123,3 +123,16 @@ def test_quantized_head_reads_by_rows_without_its_shape_costing_a_dequantization
     assert torch.equal(torch.cat(chunks), whole) and calls == ["lm_head.weight"]  # dequantized once
     with index.open("lm_head.weight") as view:
         assert torch.equal(view[3:5], whole[3:5])
+
+
+def test_one_module_reads_only_its_own_tensors(tmp_path: Path):
+    """Streaming: dequantizing a Linear reads that Linear's packed tensors and nothing else."""
+    model = build_quantized(tmp_path / "m", QuantSpec())
+    index = open_checkpoint(model, json.loads((model / "config.json").read_text()))
+    asked: list[str] = []
+    read = index.base.read
+    index.base.read = lambda names: (names := list(names), asked.extend(names), read(names))[2]
+    index.read(["model.layers.1.mlp.up_proj.weight", "model.layers.1.post_attention_layernorm.weight"])
+    prefix = "model.layers.1.mlp.up_proj."
+    assert sorted(asked) == sorted([f"{prefix}{p}" for p in ("qweight", "qzeros", "scales", "g_idx")]
+                                   + ["model.layers.1.post_attention_layernorm.weight"])

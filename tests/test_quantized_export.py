@@ -19,8 +19,9 @@ from surgery.packs import ApplyOptions, get_pack
 from surgery.runtime import OnnxModel
 
 SEQ, NEW = 32, 12
-SPECS = {"gptq-actorder-asym": QuantSpec(desc_act=True, sym=False), "awq": QuantSpec(method="awq", sym=False,
-                                                                                     packing="gemm")}
+SPECS = {"gptq-actorder-asym": (QuantSpec(desc_act=True, sym=False), "qwen2"),
+         "awq": (QuantSpec(method="awq", sym=False, packing="gemm"), "qwen2"),
+         "gptq-head-untied": (QuantSpec(head=True), "qwen3")}  # the head streams as a table, dequantized
 
 
 @torch.no_grad()
@@ -41,8 +42,9 @@ def reference_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
 @pytest.fixture(scope="module", params=list(SPECS))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp(request.param)
-    src = build_quantized(root / "src", SPECS[request.param])
-    write_plan(plan_apply(get_pack("qwen2"), src, ApplyOptions(seq_length=SEQ, dtype="fp32")), root / "patched")
+    spec, family = SPECS[request.param]
+    src = build_quantized(root / "src", spec, family=family)
+    write_plan(plan_apply(get_pack(family), src, ApplyOptions(seq_length=SEQ, dtype="fp32")), root / "patched")
     export_model(root / "patched", root / "onnx", ExportOptions(seq_length=SEQ, trust_remote_code=True))
     return src, root / "onnx"
 
