@@ -104,10 +104,10 @@ def convert_cmd(
     out_dir: Annotated[Path, typer.Option("--out_dir", "-o", help="Bundle directory.")],
     seq_length: Annotated[int, typer.Option("--seq_length", "-s", min=2, help="Static sequence length.")] = 512,
     quantize: Annotated[str | None, typer.Option("--quantize", "-q", help="bf16, f16, w8bf16, w4bf16, w8f16, "
-                                                 "w4f16 (mnn: w8*/w4* pick 8/4-bit weights) [default: w4bf16; a "
-                                                 "GPTQ/AWQ checkpoint's own bits]")] = None,
-    q_group_size: Annotated[int | None, typer.Option("--q_group_size", "-g", help="Weight group size [default: "
-                                                     "64; a GPTQ/AWQ checkpoint's own]")] = None,
+                                                 "w4f16 (mnn: w8*/w4* pick 8/4-bit weights); default w4bf16, or a "
+                                                 "GPTQ/AWQ checkpoint's own bits.")] = None,
+    q_group_size: Annotated[int | None, typer.Option("--q_group_size", "-g", help="Weight group size; default 64, "
+                                                     "or a GPTQ/AWQ checkpoint's own.")] = None,
     lora: Annotated[Path | None, typer.Option("--lora", help="A PEFT LoRA adapter directory, merged into the "
                                               "weights at export.")] = None,
     lora_mode: Annotated[str, typer.Option("--lora-mode", help="merged (separate: not supported yet).")
