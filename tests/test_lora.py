@@ -94,6 +94,13 @@ def test_exported_tokens_equal_merged_model(base: Path, tmp_path: Path):
     want = greedy(net, prompt, 12)
     assert want != greedy(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(), prompt, 12)
     assert OnnxModel(tmp_path / "onnx").generate(prompt, 12).tokens == want
+    try:
+        import peft
+    except ImportError:  # the test extra installs it; without it the test's own merge is the reference
+        return
+    merged = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                            adapter).merge_and_unload().eval()
+    assert greedy(merged, prompt, 12) == want  # PEFT's merged model generates the same tokens
 
 
 def greedy(net: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
