@@ -48,7 +48,7 @@ def check_lora(adapter: Path | None, mode: str) -> dict | None:
     if adapter is None:
         return None
     if mode == "separate":
-        raise SurgeryError("--lora-mode separate is not supported yet (no runtime here switches adapters); use "
+        raise SurgeryError("--lora-mode separate is not supported yet (no adapter export for a runtime to switch); use "
                            "--lora-mode merged, which bakes the adapter into the weights")
     read_adapter(adapter)
     stats = {name: (adapter / name).stat() for name in (CONFIG, WEIGHTS)}
