@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from surgery.export.engine_spec import EngineSpec
+    from surgery.export.vision import VisionSpec
 
 # call_block(block, hidden, cos, sin, mask, past) -> (hidden, k, v); cos/sin are [1, S, D] for the
 # tokens being processed, past is (history_k, history_v) or None, k/v are this step's only.
@@ -44,6 +45,12 @@ class ArchSpec:
     # a row-wise fold of the head's weight rows, applied wherever export and verify read that table from the
     # checkpoint (Baichuan2's NormHead: rows normalized once, so the graph is a plain product); None: rows as stored
     head_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # multimodal RoPE (Qwen2-VL): rotary frequencies per position component (temporal, height, width); the
+    # blocks then take position_ids [3, 1, S] and gather each section of the table by its own component
+    mrope_section: Callable[[object], tuple[int, ...]] | None = None
+    vision: VisionSpec | None = None  # a VL model's vision tower, exported as the `vision` graph
+    # (module prefix, checkpoint prefix) pairs: where the checkpoint stores names the module tree nests elsewhere
+    checkpoint_prefixes: tuple[tuple[str, str], ...] = ()
 
     def part(self, model: torch.nn.Module, path: str):
         return attrgetter(path)(model)

@@ -21,15 +21,28 @@ class Embedding(torch.nn.Module):
 
 
 class _Block(torch.nn.Module):
-    def __init__(self, spec: ArchSpec, block: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def __init__(self, spec: ArchSpec, block: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor,
+                 sections: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.spec, self.block = spec, block
+        self.spec, self.block, self.sections = spec, block, sections
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # embedding() becomes a plain Gather, which takes int32 indices (GatherND would need int64)
-        return F.embedding(position_ids, self.cos), F.embedding(position_ids, self.sin)
+        if self.sections is None:
+            return F.embedding(position_ids, self.cos), F.embedding(position_ids, self.sin)
+        return self._mrope(position_ids, self.cos), self._mrope(position_ids, self.sin)
+
+    def _mrope(self, position_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Multimodal RoPE: position_ids [3, 1, S]; frequency section i (the sections repeat for the second
+        half of the head) takes its rows from component i % 3, as the model's rotary module composes them."""
+        rows = [F.embedding(position_ids[c], table) for c in range(3)]  # each [1, S, D]
+        parts, start = [], 0
+        for i, width in enumerate(self.sections * 2):
+            parts.append(rows[i % 3][..., start:start + width])
+            start += width
+        return torch.cat(parts, dim=-1)
 
 
 class Prefill(_Block):

@@ -23,6 +23,7 @@ from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
 from surgery.export.source import export_spec_for, load_streaming
 from surgery.export.tables import Table, write_table
 from surgery.export.trace import export_job
+from surgery.export.vision_record import mrope_conventions, vision_record
 from surgery.export.weights import Resident
 from surgery.fsutil import STAGING_PREFIX, atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
@@ -93,8 +94,10 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         checked.add(table.file)
 
     graphs, table_files = [], {}
+    size = options.image_size or (spec.vision.default_size if spec.vision else None)
+    vision = vision_record(model_dir, model.config, config, spec, size, options.seq_length) if spec.vision else None
     jobs = plan_jobs(model, spec, options.seq_length, options.dtype, options.blocks,
-                     embedding_graphs=not options.embedding_disk) if options.graphs else []
+                     embedding_graphs=not options.embedding_disk, image_size=size) if options.graphs else []
     for job in jobs:
         path = out / f"{job.name}.onnx"
         tables = _tables_for(job, resident, options, table_files)
@@ -116,16 +119,16 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         graphs.append(GraphSpec(job.name, path.name, job.kind, inputs, [TensorSpec.of(o) for o in done["outputs"]],
                                 done["hashes"][path.name], job.layer, data_file=data, data_sha256=data_sha))
     embedding_file = None
+    cfg = model.config.get_text_config()  # a VL model's language model
     if options.embedding_disk:
         table = Table(resident.aliases.get(f"{spec.embedding}.weight", f"{spec.embedding}.weight"), EMBEDDING_FILE,
-                      DTYPES["bf16"], (model.config.vocab_size, model.config.hidden_size))
+                      DTYPES["bf16"], (cfg.vocab_size, cfg.hidden_size))
         ensure_table(table)
         embedding_file = {"file": EMBEDDING_FILE, "dtype": "bfloat16", "rounding": "nearest-even",
                           "shape": list(table.shape), "sha256": state["tables"][EMBEDDING_FILE]}
     resident.hold([])
     owned.add(*TOKENIZER_FILES, "manifest.json")
     tokenizer = _copy_tokenizer(model_dir, out)
-    cfg = model.config
     manifest = Manifest(
         model_type=config["model_type"], architecture=(config.get("architectures") or ["?"])[0],
         seq_length=options.seq_length, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
@@ -139,7 +142,10 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         source={"model_dir": str(model_dir.resolve()), "pack": record["pack"], "hashes": record["hashes"],
                 "checkpoint": describe(model_dir, config)},  # GPTQ/AWQ quantization, LoRA adapter
         versions=tool_versions() | {"onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
+        vision=vision,
     )
+    if spec.mrope_section:
+        manifest.conventions |= mrope_conventions(spec.mrope_section(model.config))
     manifest.write(out)
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()

@@ -27,6 +27,7 @@ class ExportOptions:
     exporter: str = "torchscript"  # or "dynamo" (torch.export based; may raise the opset to 18)
     table_dtype: str | None = None  # vocabulary tables: None = the graphs' dtype
     graphs: bool = True  # False: manifest and host files only, for a compiler that builds from the patched model
+    image_size: tuple[int, int] | None = None  # VL models: the vision graph's (height, width); None: the spec's
 
 
 @dataclass
@@ -45,8 +46,9 @@ class Job:
 
 
 def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
-              blocks: tuple[int, ...] | None = None, embedding_graphs: bool = True) -> list[Job]:
-    cfg = model.config
+              blocks: tuple[int, ...] | None = None, embedding_graphs: bool = True,
+              image_size: tuple[int, int] | None = None) -> list[Job]:
+    cfg = model.config.get_text_config()  # a VL model's language model; the config itself otherwise
     hidden, dtype = cfg.hidden_size, DTYPES[dtype_name]
     kv, hd = spec.num_kv_heads(cfg), spec.head_dim(cfg)
     layers = spec.part(model, spec.layers)
@@ -57,6 +59,9 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
     mask = torch.full((seq, seq), MASK_VALUE).triu(1)[None, None].to(dtype)
     states = torch.randn(1, seq, hidden, dtype=dtype, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq, dtype=torch.int32)[None]
+    sections = spec.mrope_section(model.config) if spec.mrope_section else None
+    if sections:  # multimodal RoPE: temporal, height, width components [3, 1, S]
+        pos = pos[None].expand(3, 1, seq).contiguous()
     table = {"wte.weight": f"{spec.embedding}.weight"}
     scale = spec.embedding_scale(cfg) if spec.embedding_scale else None
     divisor = spec.head_divisor(cfg) if spec.head_divisor else None
@@ -74,11 +79,11 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
     # two distinct tensors: torch.export merges inputs that are the same object into one graph input
     history_k, history_v = torch.randn(2, 1, seq, kv, hd, dtype=dtype, generator=torch.Generator().manual_seed(1))
     for i in chosen:
-        jobs.append(Job(f"block_{i}", "block", Prefill(spec, layers[i], cos, sin),
+        jobs.append(Job(f"block_{i}", "block", Prefill(spec, layers[i], cos, sin, sections),
                         {"input_states": states, "position_ids": pos, "attention_mask": mask},
                         ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
-        jobs.append(Job(f"block_cache_{i}", "block_cache", Decode(spec, layers[i], cos, sin),
-                        {"input_states": states[:, :1], "position_ids": pos[:, :1],
+        jobs.append(Job(f"block_cache_{i}", "block_cache", Decode(spec, layers[i], cos, sin, sections),
+                        {"input_states": states[:, :1], "position_ids": pos[..., :1],
                          "attention_mask": torch.zeros(1, 1, 1, seq + 1, dtype=dtype),
                          "history_k": history_k, "history_v": history_v},
                         ["hidden_states", "past_k", "past_v"], layer=i, needs=(f"{spec.layers}.{i}",)))
@@ -93,4 +98,18 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
                      "penalty": torch.tensor([1.1]), "temperature": torch.tensor([0.7]),
                      "top_k": torch.tensor([50], dtype=torch.int32), "top_p": torch.tensor([0.8])},
                     ["probs", "tokens"]))
+    if spec.vision is not None:
+        jobs.append(vision_job(model, spec, image_size or spec.vision.default_size, dtype))
     return jobs
+
+
+def vision_job(model: torch.nn.Module, spec: ArchSpec, size: tuple[int, int], dtype: torch.dtype) -> Job:
+    """The `vision` graph: patchified pixels of one image of `size` -> one embedding per merge window."""
+    from surgery.export.vision import Qwen2VisionGraph, patch_grid
+
+    grid = patch_grid(spec.vision, model.config, size)
+    geo = spec.vision.geometry(model.config)
+    width = geo["channels"] * geo["temporal_patch_size"] * geo["patch_size"] ** 2
+    pixels = torch.randn(grid[0] * grid[1], width, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    module = Qwen2VisionGraph(spec.part(model, spec.vision.path), grid)
+    return Job("vision", "vision", module, {"pixel_values": pixels}, ["image_embeds"], needs=(spec.vision.path,))

@@ -94,9 +94,27 @@ def load_streaming(model_dir: Path, options: ExportOptions) -> tuple[Resident, d
 
     model = _loading(model_dir, build)
     spec = export_spec_for(config["model_type"])
-    aliases = ({f"{spec.lm_head}.weight": f"{spec.embedding}.weight"}
-               if config.get("tie_word_embeddings") else {})
-    return Resident(model, open_checkpoint(model_dir, config), DTYPES[options.dtype], aliases), config
+    index = open_checkpoint(model_dir, config)
+    aliases = checkpoint_aliases(model, spec, set(index.files) if spec.checkpoint_prefixes else set())
+    if config.get("tie_word_embeddings"):
+        embedding = f"{spec.embedding}.weight"
+        aliases[f"{spec.lm_head}.weight"] = aliases.get(embedding, embedding)
+    return Resident(model, index, DTYPES[options.dtype], aliases), config
+
+
+def checkpoint_aliases(model: torch.nn.Module, spec: ArchSpec, stored: set[str]) -> dict[str, str]:
+    """Parameter name -> checkpoint key where the checkpoint names it the way the family's files are stored
+    (Qwen2-VL checkpoints keep `model.layers.*` and `visual.*` while the module tree says
+    `model.language_model.layers.*` and `model.visual.*`); names the checkpoint already holds stay."""
+    aliases: dict[str, str] = {}
+    if not spec.checkpoint_prefixes:
+        return aliases
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        for module_prefix, stored_prefix in spec.checkpoint_prefixes:
+            if name not in stored and name.startswith(module_prefix):
+                aliases[name] = stored_prefix + name[len(module_prefix):]
+                break
+    return aliases
 
 
 def check_weights(model_dir: Path) -> None:

@@ -80,8 +80,9 @@ def verify_export(onnx_dir: Path, trust_remote_code: bool = False,
                             blocks=tuple(layers), trust_remote_code=trust_remote_code)
     resident, config = load_streaming(source_model(onnx_dir, manifest), options)
     spec = export_spec_for(config["model_type"])
+    size = tuple(manifest.vision["image_size"]) if manifest.vision else None
     jobs = {job.name: job for job in plan_jobs(resident.model, spec, manifest.seq_length, manifest.dtype,
-                                               tuple(layers))}
+                                               tuple(layers), image_size=size)}
     table_dtype = DTYPES[manifest.dtype]
     rows = []
     from surgery.checks import sampled

@@ -37,7 +37,9 @@ def random_inputs(graph: GraphSpec, vocab: int, seed: int = 0) -> dict[str, np.n
         elif t.name in SAMPLING:
             value = np.full(t.shape, SAMPLING[t.name])
         elif t.name == "position_ids":
-            value = np.arange(t.shape[-1])[None] if graph.kind == "block" else np.full(t.shape, DECODE_POSITION)
+            # [1, S], or [3, 1, S] under multimodal RoPE (the three components equal: a text-only prompt)
+            value = (np.broadcast_to(np.arange(t.shape[-1]), t.shape) if graph.kind == "block"
+                     else np.full(t.shape, DECODE_POSITION))
         elif t.name == "attention_mask" and graph.kind == "block":
             value = prefill_mask(t.shape[-1], t.shape[-1])
         elif t.name == "attention_mask":

@@ -101,6 +101,9 @@ class Manifest:
     # whose KV cache it keeps itself, e.g. MNN's LLM engine; its conventions are the engine's)
     contract: str = "blocks"
     source: dict = field(default_factory=dict)  # patched model dir, its surgery.json hashes
+    # VL models: the `vision` graph's image preprocessing, patch layout and vision token ids
+    # (export/vision_record.py); None for text-only models
+    vision: dict | None = None
     versions: dict = field(default_factory=dict)
     schema: int = SCHEMA
 
