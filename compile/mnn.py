@@ -172,13 +172,14 @@ class MnnAdapter(Adapter):
 
 def check_llm(model_dir: Path, out: Path, vocab: int, prompt_length: int = 8) -> list[Parity]:
     """The engine's logits after a prefill against the patched model's own (export/engine_reference.py),
-    same prompt: no exported graph is needed."""
+    same prompt, from the embedding rows the engine reads (the bf16 table's when it ships one): no exported
+    graph is needed."""
     from surgery.export.engine_reference import prefill_logits
     from surgery.parity import compare
 
     ids = np.random.default_rng(0).integers(0, vocab, prompt_length).tolist()
     # export already ran this model's code (the pack's patched modeling file) with the user's consent
-    want = prefill_logits(model_dir, ids, trust_remote_code=True)
+    want = prefill_logits(model_dir, ids, trust_remote_code=True, bf16_rows=(out / "embeddings_bf16.bin").is_file())
     got = np.asarray(MnnLlm(out).engine(ids, 1)["logits"], np.float32)
     return [compare("llm", "logits", got, want)]
 

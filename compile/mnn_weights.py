@@ -109,12 +109,14 @@ def _convolution(name: str, ic: int, oc: int, external: list[int], wide: bool, b
 
 def linear_ops(op: dict, graph: dict, external: list[int], wide: bool, bits: int, block: int,
                symmetric: bool) -> list[dict]:
-    """Reshape [.., ic] -> [n, ic, 1, 1], to NC4HW4, Convolution, back to NCHW, Reshape -> [1, n, oc]."""
+    """Reshape [.., ic] -> [n, ic, 1, 1], to NC4HW4, Convolution, back to NCHW, Reshape -> [1, n, oc] (or
+    [n, 1, oc] for a sequence-first input, `seq_first` on the traced op)."""
     a = _attrs(op)
     name, ic, oc = a["name"], a["in_features"], a["out_features"]
     t = [_tensor(graph, f"{name}/{step}") for step in ("pre_reshape", "pre_convert", "conv", "post_convert")]
     ins, outs = [op["inputIndexes"], *t], [*t, op["outputIndexes"]]
-    shapes = ({"dims": [-1, ic, 1, 1], "dimType": "NCHW"}, {"dims": [1, -1, oc], "dimType": "NCHW"})
+    lead = [-1, 1] if a.get("seq_first") == 1 else [1, -1]
+    shapes = ({"dims": [-1, ic, 1, 1], "dimType": "NCHW"}, {"dims": [*lead, oc], "dimType": "NCHW"})
     convert = ({"source": "NCHW", "dest": "NC4HW4"}, {"source": "NC4HW4", "dest": "NCHW"})
     ops = [{"type": "Reshape", "main_type": "Reshape", "name": f"{name}/pre_reshape", "main": shapes[0]},
            {"type": "ConvertTensor", "main_type": "TensorConvertInfo", "name": f"{name}/pre_convert",

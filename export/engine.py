@@ -68,6 +68,7 @@ class FusedSlot:
     layer: int
     heads: int
     head_dim: int
+    kv_heads: int
 
 
 def fused_attention(module, query, key, value, attention_mask, scaling: float):
@@ -109,7 +110,13 @@ class EngineGraph(torch.nn.Module):
         if spec.engine is None:
             raise SurgeryError(f"the {model_type!r} pack declares no engine spec (ArchSpec.engine: its attention "
                                "core and rotary module), which MNN's engine layout needs; use --layout graphs")
+        reason = spec.engine.unsupported(model) if spec.engine.unsupported else None
+        if reason:
+            raise SurgeryError(reason)
         self.spec, self.engine, self.hidden = spec, spec.engine, model.config.hidden_size
+        # muP scales outside the layers (MiniCPM): the engine feeds raw embedding rows and reads raw logits
+        self.scale = spec.embedding_scale(model.config) if spec.embedding_scale else None
+        self.divisor = spec.head_divisor(model.config) if spec.head_divisor else None
         self.layers = spec.part(model, spec.layers)
         self.norm, self.head = spec.part(model, spec.final_norm), spec.part(model, spec.lm_head)
         try:
@@ -120,16 +127,23 @@ class EngineGraph(torch.nn.Module):
                                "use --layout graphs") from None
         heads, head_dim = model.config.num_attention_heads, spec.head_dim(model.config)
         for i, attention in enumerate(self.attentions):
-            attention.surgery_fused_slot = FusedSlot(i, heads, head_dim)
+            attention.surgery_fused_slot = FusedSlot(i, heads, head_dim, spec.num_kv_heads(model.config))
         self.paths = {"layers": spec.layers, "norm": spec.final_norm, "head": spec.lm_head}
 
     def forward(self, input_ids, attention_mask, position_ids, logits_index):
-        hidden = input_ids.view(1, -1, self.hidden)
+        hidden = self.embedded(input_ids.view(1, -1, self.hidden))
         cos, sin = self.engine.rope(self.rotary, hidden, position_ids)
         for layer in self.layers:
             hidden = self.spec.call_block(layer, hidden, cos, sin, attention_mask, None)[0]
-        hidden = hidden[:, logits_index.long():, :]
-        return self.head(self.norm(hidden))
+        return self.logits(hidden[:, logits_index.long():, :])
+
+    def embedded(self, rows: torch.Tensor) -> torch.Tensor:
+        """The first layer's input from embedding rows as the engine reads them (raw table rows)."""
+        return rows * self.scale if self.scale is not None else rows
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(hidden)
+        return self.head(hidden / self.divisor if self.divisor is not None else hidden)
 
     def owner(self, name: str) -> str:
         """The model submodule whose weights hold parameter `name` of this wrapper (a whole layer at once)."""
@@ -147,7 +161,9 @@ class Streamed(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self.resident.hold([self.graph.owner(name)])
-        return self.graph.get_parameter(name).data
+        data = self.graph.get_parameter(name).data
+        fold = self.graph.spec.head_rows  # Baichuan2's NormHead: the trace reads raw rows, the model normalizes
+        return fold(data) if fold is not None and name == "head.weight" else data
 
     def __contains__(self, name: object) -> bool:  # Mapping's default loads the value (a second pass of every layer)
         return name in self.known

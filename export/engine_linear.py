@@ -25,12 +25,12 @@ class WeightlessLinear(torch.autograd.Function):
     """y = x W^T + b with W and b left out of the graph: a node named after the module, with its sizes."""
 
     @staticmethod
-    def symbolic(g, x, name: str, in_features: int, out_features: int, has_bias: int):
+    def symbolic(g, x, name: str, in_features: int, out_features: int, has_bias: int, seq_first: int):
         return g.op(f"{DOMAIN}::{OP}", x, name_s=name, in_features_i=in_features, out_features_i=out_features,
-                    has_bias_i=has_bias)
+                    has_bias_i=has_bias, seq_first_i=seq_first)
 
     @staticmethod
-    def forward(ctx, x, name: str, in_features: int, out_features: int, has_bias: int):
+    def forward(ctx, x, name: str, in_features: int, out_features: int, has_bias: int, seq_first: int):
         return x.new_zeros((*x.shape[:-1], out_features))  # the trace needs the shape only
 
 
@@ -47,7 +47,10 @@ def weightless_linears(root: torch.nn.Module) -> Iterator[dict[str, torch.nn.Lin
         name = getattr(self, "surgery_linear_name", None)
         if name is None:
             return original(self, x)
-        return WeightlessLinear.apply(x, name, self.in_features, self.out_features, int(self.bias is not None))
+        # the rebuilt op restores [1, S, out] or, for sequence-first code (ChatGLM's [S, 1, H]), [S, 1, out]
+        seq_first = int(x.dim() == 3 and x.shape[0] != 1)
+        return WeightlessLinear.apply(x, name, self.in_features, self.out_features, int(self.bias is not None),
+                                      seq_first)
 
     torch.nn.Linear.forward = forward
     try:

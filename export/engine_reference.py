@@ -19,15 +19,20 @@ from surgery.export.jobs import ExportOptions
 from surgery.export.source import export_spec_for, load_streaming
 
 
-def prefill_logits(model_dir: Path, ids: list[int], trust_remote_code: bool = False) -> np.ndarray:
-    """Logits [vocab] after `ids`, embedding rows read from the checkpoint as the engine's input."""
+def prefill_logits(model_dir: Path, ids: list[int], trust_remote_code: bool = False,
+                   bf16_rows: bool = False) -> np.ndarray:
+    """Logits [vocab] after `ids`, embedding rows read from the checkpoint as the engine's input; with
+    `bf16_rows` rounded to bf16 first, as the engine reads them from `embeddings_bf16.bin`, so that a float
+    bundle is measured on its graph and weights, not on the table's storage (a model whose layers add little
+    to the embedding, as MiniCPM's muP residual scale makes them, passes that rounding on to the logits)."""
     resident, config = load_streaming(Path(model_dir), ExportOptions(seq_length=len(ids) + 1, dtype="fp32",
                                                                      trust_remote_code=trust_remote_code))
     spec = export_spec_for(config["model_type"])
     graph = EngineGraph(spec, resident.model, config["model_type"]).eval()
     key = resident.aliases.get(f"{spec.embedding}.weight", f"{spec.embedding}.weight")
     n = len(ids)
-    hidden = torch.cat([resident.index.rows(key, i, i + 1) for i in ids]).float()[None]
+    rows = torch.cat([resident.index.rows(key, i, i + 1) for i in ids])
+    hidden = graph.embedded((rows.to(torch.bfloat16) if bf16_rows else rows).float()[None])
     mask = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
     positions = torch.arange(n, dtype=torch.int32)[None]
     try:
@@ -37,6 +42,6 @@ def prefill_logits(model_dir: Path, ids: list[int], trust_remote_code: bool = Fa
                 resident.hold([f"{spec.layers}.{i}"])
                 hidden = spec.call_block(layer, hidden, cos, sin, mask, None)[0]
             resident.hold([spec.final_norm, spec.lm_head])
-            return graph.head(graph.norm(hidden[:, -1:, :])).reshape(-1).float().numpy()
+            return graph.logits(hidden[:, -1:, :]).reshape(-1).float().numpy()
     finally:
         resident.hold([])

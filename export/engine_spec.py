@@ -11,7 +11,8 @@ per-block export in two places that are family-specific:
   `eager_attention_forward(module, q, k, v, mask, scaling)`; Qwen-v1 remote code as a method,
   `QWenAttention._attn(q, k, v, causal_mask, attention_mask, head_mask)`. Both take q/k/v as [B, heads, S, D]
   and return [B, S, heads, D] first, so one fused body (export/engine.py `fused_attention`) serves both through
-  a drop-in with the core's own signature.
+  a drop-in with the core's own signature. Families whose core is inline code swap a whole method or module
+  (export/engine_remote.py).
 
 Imports torch only inside functions, like export/arch.py: packs import this module.
 """
@@ -45,6 +46,8 @@ class EngineSpec:
     # rope(rotary, hidden [1, S, H], position_ids int [1, S]) -> cos, sin [1, S, rot_dim], what call_block takes
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     chat_template: str | None = None  # for llm_config.json when the tokenizer ships none
+    # unsupported(model) -> why this model of the family cannot be one engine graph (one line), or None
+    unsupported: Callable[[torch.nn.Module], str | None] | None = None
 
 
 def native_rope(rotary: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):

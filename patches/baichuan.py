@@ -15,6 +15,7 @@ import libcst.matchers as m
 from surgery.codemod import Patch, Rule
 from surgery.export.arch import ArchSpec
 from surgery.export.arch_baichuan import baichuan_block, baichuan_tables, normalize_rows
+from surgery.export.engine_remote import BAICHUAN_ENGINE
 from surgery.packs import ApplyOptions, Pack
 
 from .attention_rules import EagerSdpa
@@ -91,6 +92,7 @@ EXPORT_SPEC = ArchSpec(
     num_kv_heads=lambda c: c.num_attention_heads,
     head_dim=lambda c: c.hidden_size // c.num_attention_heads,
     head_rows=normalize_rows,
+    engine=BAICHUAN_ENGINE,
 )
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

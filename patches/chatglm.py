@@ -12,6 +12,7 @@ from functools import partial
 from surgery.codemod import Patch
 from surgery.errors import SurgeryError
 from surgery.export.arch import ArchSpec, chatglm_block, chatglm_rope
+from surgery.export.engine_remote import CHATGLM_ENGINE
 from surgery.manifest import MASK_VALUE
 from surgery.packs import ApplyOptions, Pack
 
@@ -53,6 +54,7 @@ EXPORT_SPEC = ArchSpec(
     call_block=chatglm_block,
     num_kv_heads=lambda c: c.multi_query_group_num if c.multi_query_attention else c.num_attention_heads,
     head_dim=lambda c: c.kv_channels,
+    engine=CHATGLM_ENGINE,
 )
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

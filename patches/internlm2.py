@@ -14,6 +14,7 @@ from functools import partial
 
 from surgery.codemod import Patch
 from surgery.export.arch import ArchSpec
+from surgery.export.engine_remote import INTERNLM2_ENGINE
 from surgery.packs import ApplyOptions, Pack
 
 from .cache_rules import PresentBeforeCacheConcat
@@ -62,6 +63,7 @@ EXPORT_SPEC = ArchSpec(
     call_block=tuple_cache_block,
     num_kv_heads=lambda c: c.num_key_value_heads,
     head_dim=lambda c: c.hidden_size // c.num_attention_heads,
+    engine=INTERNLM2_ENGINE,
 )
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -15,6 +15,7 @@ from functools import partial
 
 from surgery.codemod import Patch
 from surgery.export.arch import ArchSpec
+from surgery.export.engine_remote import MINICPM_ENGINE
 from surgery.packs import ApplyOptions, Pack
 
 from .attention_rules import EagerAttentionClass
@@ -85,6 +86,7 @@ EXPORT_SPEC = ArchSpec(
     head_dim=lambda c: c.hidden_size // c.num_attention_heads,
     embedding_scale=lambda c: c.scale_emb,
     head_divisor=lambda c: c.hidden_size / c.dim_model_base,
+    engine=MINICPM_ENGINE,
 )
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
