@@ -192,7 +192,9 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     mask = torch.full((trace_seq, trace_seq), torch.finfo(torch.float32).min).triu(1)[None, None]
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        linears = stack.enter_context(weightless_linears(graph)) if weightless else {}
+        # Baichuan2's NormHead is a product with its (normalized) rows, not an nn.Linear: quantized like one
+        head = {"head": graph.head} if spec.head_rows and not isinstance(graph.head, torch.nn.Linear) else None
+        linears = stack.enter_context(weightless_linears(graph, head)) if weightless else {}
         skip = {f"{name}.{leaf}" for name in linears for leaf in ("weight", "bias")}
         params = {name: p for name, p in unique_parameters(graph).items() if name not in skip}
         args = (torch.zeros(trace_seq, 1, graph.hidden), mask, torch.arange(trace_seq, dtype=torch.int32)[None],
@@ -211,4 +213,5 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     facts = {"hidden_size": graph.hidden, "layer_nums": len(graph.layers), "model_type": config["model_type"],
              "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
              "vocab_size": resident.model.config.vocab_size, "chat_template": spec.engine.chat_template}
-    return facts, (LinearWeights(graph, resident, graph.owner, linears) if weightless else None)
+    folds = {"head": spec.head_rows} if spec.head_rows else {}
+    return facts, (LinearWeights(graph, resident, graph.owner, linears, folds) if weightless else None)

@@ -89,6 +89,8 @@ def test_engine_decodes_the_original_tokens(tmp_path: Path, pack: str, revision:
     w8 = MNN.compile(onnx_dir, tmp_path / "w8", CompileOptions("mnn", "w8bf16", 32))
     assert w8.compiled.parity[0]["cosine"] >= 0.998
     assert engine_check(tmp_path / "w8", "high") >= 0.999
+    size = {name: (tmp_path / name / "llm.mnn.weight").stat().st_size for name in ("fp32", "w8")}
+    assert size["w8"] < size["fp32"] / 2.8  # every linear at 8 bits, Baichuan2's NormHead too (~1/3.2 of fp32)
 
 
 def test_minicpm_scales_are_inside_the_engine_graph(tmp_path: Path):
