@@ -113,15 +113,17 @@ def baichuan_unsupported(model: torch.nn.Module) -> str | None:
 
 def chatglm_rope(rotary: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     """ChatGLM2/3: cos/sin(pos * theta) [1, S, rot/2], one angle per interleaved pair of the rotated half of
-    each head (what `chatglm_block` takes). theta is the module's `forward_impl` formula: its `inv_freq` at
-    base 10000, rescaled for ChatGLM3's `rope_ratio` (base * rope_ratio)."""
+    each head (what `chatglm_block` takes). theta as the module's `forward_impl` computes it, in fp32 from its
+    `base` default times ChatGLM3's `rope_ratio`, not from the `inv_freq` buffer: that one is stored in the
+    checkpoint's dtype (bf16 rounding would move angles by radians a few thousand positions in)."""
+    import inspect
+
     import torch
 
-    inv_freq = rotary.inv_freq.to(torch.float32)
-    ratio = float(getattr(rotary, "rope_ratio", 1) or 1)
-    if ratio != 1:
-        inv_freq = inv_freq * ratio ** (-torch.arange(0, rotary.dim, 2, dtype=torch.float32) / rotary.dim)
-    angles = position_ids[0].to(torch.float32)[:, None] * inv_freq[None, :]
+    base = inspect.signature(rotary.forward_impl).parameters["base"].default
+    base = base * float(getattr(rotary, "rope_ratio", 1) or 1)
+    theta = 1.0 / (base ** (torch.arange(0, rotary.dim, 2, dtype=torch.float32) / rotary.dim))
+    angles = position_ids[0].to(torch.float32)[:, None] * theta[None, :]
     return angles.cos()[None].to(hidden.dtype), angles.sin()[None].to(hidden.dtype)
 
 
