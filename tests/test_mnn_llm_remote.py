@@ -123,3 +123,36 @@ def test_baichuan_13b_alibi_is_refused_in_one_line(tmp_path: Path):
     with pytest.raises(SurgeryError, match="ALiBi.*--layout graphs") as refused:
         MNN.compile(onnx_dir, tmp_path / "mnn", CompileOptions("mnn", "fp32", 32, check="none"))
     assert "\n" not in str(refused.value)
+
+
+class Glm3Rotary(torch.nn.Module):
+    """Upstream ChatGLM3's RotaryEmbedding as its modeling file writes it: `inv_freq` in the model's dtype,
+    `forward_impl` recomputing theta in fp32 from `base * rope_ratio`."""
+
+    def __init__(self, dim: int, rope_ratio: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).to(dtype) / dim)))
+        self.dim, self.rope_ratio = dim, rope_ratio
+
+    def forward_impl(self, seq_len: int, n_elem: int, dtype, device, base: int = 10000) -> torch.Tensor:
+        base = base * self.rope_ratio
+        theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float) / n_elem))
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float), theta).float()
+        return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    def forward(self, max_seq_len: int) -> torch.Tensor:
+        return self.forward_impl(max_seq_len, self.dim, dtype=self.inv_freq.dtype, device=self.inv_freq.device)
+
+
+def test_chatglm_rope_rows_are_the_modules_own_at_any_position():
+    """The engine's ChatGLM rows at absolute positions equal the module's own table (ChatGLM3-32k's rope_ratio
+    50, a bf16 checkpoint), which its bf16 `inv_freq` buffer would miss by far at position 3000."""
+    from surgery.export.engine_remote import chatglm_rope
+
+    rotary = Glm3Rotary(32, 50.0, torch.bfloat16)
+    positions = torch.tensor([[0, 7, 3000]], dtype=torch.int32)
+    cos, sin = chatglm_rope(rotary, torch.zeros(1, 3, 8), positions)
+    table = rotary(3001)[positions[0].long()]
+    assert torch.allclose(cos[0], table[..., 0], atol=1e-3) and torch.allclose(sin[0], table[..., 1], atol=1e-3)
+    wrong = (3000 * rotary.inv_freq.float() / 50 ** (torch.arange(0, 32, 2) / 32)).cos()
+    assert (wrong - table[2, :, 0]).abs().max() > 0.1
