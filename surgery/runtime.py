@@ -9,12 +9,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from surgery.contract import decode_mask, prefill_mask
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
+
+if TYPE_CHECKING:
+    from surgery.vision_input import Media
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,10 @@ class Runtime:
         if layers != list(range(self.manifest.num_layers)):
             raise SurgeryError(f"{self.dir} holds blocks {layers}, not all {self.manifest.num_layers} layers; "
                                "export without --blocks to run it")
-        self.float = np.dtype(self.manifest.graph("block_0").inputs[0].dtype)
+        block = self.manifest.graph("block_0")
+        self.float = np.dtype(block.inputs[0].dtype)
+        # multimodal RoPE: position_ids [3, 1, S] (temporal, height, width) instead of [1, S]
+        self.mrope = len(next((t.shape for t in block.inputs if t.name == "position_ids"), [1, 1])) == 3
         table = self.manifest.embedding_file
         self.table = (np.memmap(self.dir / table["file"], dtype="<u2", mode="r", shape=tuple(table["shape"]))
                       if table else None)
@@ -65,8 +72,10 @@ class Runtime:
         return bits.view(np.float32)[None].astype(self.float)
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None,
-                 sampling: Sampling | None = None) -> Generation:
-        """Greedy through `greedy_head`, or (`sampling`) a draw from what `sample_head` returns."""
+                 sampling: Sampling | None = None, media: Media | None = None) -> Generation:
+        """Greedy through `greedy_head`, or (`sampling`) a draw from what `sample_head` returns. `media`
+        (VL exports, surgery/vision_input.py): image embeddings replace the image-token rows of the prompt
+        before the first block, and positions follow multimodal RoPE."""
         m = self.manifest
         seen, rng = list(prompt), np.random.default_rng(sampling.seed if sampling else 0)
         seq, n = m.seq_length, len(prompt)
@@ -77,8 +86,9 @@ class Runtime:
         ids = np.zeros((1, seq), np.int32)
         ids[0, :n] = prompt
         hidden = self.embed(ids)
-        pos = np.zeros((1, seq), np.int32)
-        pos[0, :n] = np.arange(n)
+        if media is not None:
+            hidden[0, media.slots] = media.embeds.astype(self.float)
+        pos = self._prefill_positions(n, media)
         mask = prefill_mask(seq, n, self.float)
         k_cache, v_cache = [], []
         for i in range(m.num_layers):
@@ -97,7 +107,7 @@ class Runtime:
             dmask = decode_mask(seq, p, self.float)
             for i in range(m.num_layers):
                 hidden, k, v = self.run(f"block_cache_{i}", input_states=hidden,
-                                        position_ids=np.array([[p]], np.int32), attention_mask=dmask,
+                                        position_ids=self._step_position(p, media), attention_mask=dmask,
                                         history_k=k_cache[i], history_v=v_cache[i])
                 k_cache[i][:, p] = k[:, 0]
                 v_cache[i][:, p] = v[:, 0]
@@ -107,6 +117,25 @@ class Runtime:
             steps.append(time.perf_counter() - t0)
         rate = len(steps) / sum(steps) if steps else 0.0
         return Generation(tokens, prefill_ms, rate, steps)
+
+    def _prefill_positions(self, n: int, media: Media | None) -> np.ndarray:
+        """[1, SEQ] positions 0..n-1, or [3, 1, SEQ] under multimodal RoPE (text-only: three equal rows)."""
+        seq = self.manifest.seq_length
+        if media is not None and not self.mrope:
+            raise SurgeryError(f"{self.dir} is not a vision-language export; it cannot take an image")
+        if not self.mrope:
+            pos = np.zeros((1, seq), np.int32)
+            pos[0, :n] = np.arange(n)
+            return pos
+        pos = np.zeros((3, 1, seq), np.int32)
+        pos[:, 0, :n] = media.positions if media is not None else np.arange(n)
+        return pos
+
+    def _step_position(self, p: int, media: Media | None) -> np.ndarray:
+        """The decode step's position: slot p, shifted by the image's delta under multimodal RoPE."""
+        if not self.mrope:
+            return np.array([[p]], np.int32)
+        return np.full((3, 1, 1), p + (media.delta if media is not None else 0), np.int32)
 
     def _next(self, hidden_row: np.ndarray, seen: list[int], sampling: Sampling | None,
               rng: np.random.Generator) -> int:

@@ -101,6 +101,8 @@ def run_cmd(
     prompt: Annotated[str | None, typer.Option(help="Prompt text (tokenized with the exported tokenizer).")] = None,
     prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="Comma-separated prompt token ids.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    image: Annotated[Path | None, typer.Option(help="VL exports: an image, placed before the prompt text (or at "
+                                                    "the one image token of --prompt-ids).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     backend: Annotated[str, typer.Option(help="auto (from the manifest), onnxruntime, mnn or bmodel (Sophgo, on "
                                               "the CPU simulator).")] = "auto",
@@ -119,6 +121,7 @@ def run_cmd(
     or a Sophgo bmodel through TPU-MLIR's runtime library on the CPU simulator).
 
     Example: surgery run ./qwen-onnx --prompt "Hello" --chat --max-new-tokens 32 --json
+    VL example: surgery run ./qwen2-vl-onnx --image ./cat.png --prompt "Describe the image" --chat
     """
     from surgery.runtime import Sampling, encode_prompt, load_tokenizer, open_runtime, stop_ids
 
@@ -139,8 +142,14 @@ def run_cmd(
             raise SurgeryError(f"--prompt-ids {prompt_ids!r} is not a list of integers; write e.g. 1,2,3") from None
         if any(not 0 <= t < model.manifest.vocab_size for t in prompt_tokens):
             raise SurgeryError(f"prompt ids must be in 0..{model.manifest.vocab_size - 1}")
+    media = None
+    if image is not None:
+        from surgery.vision_input import image_request
+
+        prompt_tokens, media = image_request(model, image, tokenizer, prompt, chat, prompt_tokens)
     sampling = Sampling(top_k, top_p, temperature, penalty, seed) if sample else None
-    result = model.generate(prompt_tokens, max_new_tokens, eos=stop_ids(model.manifest, tokenizer), sampling=sampling)
+    result = model.generate(prompt_tokens, max_new_tokens, eos=stop_ids(model.manifest, tokenizer), sampling=sampling,
+                            **({"media": media} if media is not None else {}))
     text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer else None
     if as_json:
         emit_json({"text": text, "tokens": result.tokens, "prompt_tokens": len(prompt_tokens),
