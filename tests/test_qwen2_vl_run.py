@@ -143,3 +143,20 @@ def test_prepare_refuses_a_prompt_without_room_for_the_image(vl):  # noqa: F811
         prepare(model.run, [1, 2, model.manifest.vision["image_token_id"], 3], _image(1, (56, 84)),
                 model.manifest.vision)
     assert os.path.isfile(vl["onnx"] / "vision.onnx")
+
+
+def test_export_cli_image_size_and_optimized_graphs(vl, photo, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`--image-size` is parsed (a bad one is one line), and the generic-optimized export generates the same
+    image-conditioned tokens."""
+    code, _, err = _cli(monkeypatch, capsys, "export", vl["patched"], "--out", tmp_path / "bad", "-s", 64,
+                        "--image-size", "56by84", "--trust-remote-code")
+    assert code == 2 and "--image-size '56by84' is not a size" in err and len(err.strip().splitlines()) == 1
+    from helpers import generic_copy
+
+    args = ["--image", photo, "--prompt", "Describe the dog", "--max-new-tokens", 12, "--json"]
+    tokens = []
+    for where in (vl["onnx"], generic_copy(vl["onnx"], tmp_path / "generic")):
+        code, out, err = _cli(monkeypatch, capsys, "run", where, *args)
+        assert code == 0, err
+        tokens.append(json.loads(out)["tokens"])
+    assert tokens[0] == tokens[1] and len(tokens[0]) >= 1

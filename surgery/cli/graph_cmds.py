@@ -29,6 +29,16 @@ def parse_blocks(text: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(layers)))
 
 
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """`448` or `448x672` (height x width) -> (height, width)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if match is None:
+        raise SurgeryError(f"--image-size {text!r} is not a size; write e.g. 448 or 448x672 (height x width)")
+    return int(match[1]), int(match[2] or match[1])
+
+
 @app.command("export")
 def export_cmd(
     model: Annotated[Path, typer.Argument(help="A directory written by `surgery apply`.")],
@@ -41,6 +51,8 @@ def export_cmd(
                         ] = Exporter.torchscript,
     embedding_disk: Annotated[bool, typer.Option("--embedding-disk", help="Write the embedding as a raw bf16 "
                                                  "table (round to nearest) for the host instead of graphs.")] = False,
+    image_size: Annotated[str | None, typer.Option("--image-size", help="Vision-language models: the vision "
+                                                   "graph's image size, 448 or HEIGHTxWIDTH (default 448).")] = None,
     trust_remote_code: Trust = False,
     as_json: Json = False,
 ) -> None:
@@ -52,7 +64,7 @@ def export_cmd(
 
     options = ExportOptions(seq_length=seq_length, dtype=dtype.value, blocks=parse_blocks(blocks), opset=opset,
                             trust_remote_code=trust_remote_code, embedding_disk=embedding_disk,
-                            exporter=exporter.value)
+                            exporter=exporter.value, image_size=parse_image_size(image_size))
     with progress("exporting", as_json) as report:
         manifest = export_model(model, out_dir, options, progress=report)
     if as_json:

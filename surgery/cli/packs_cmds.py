@@ -119,7 +119,8 @@ def fixture_cmd(
     kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm, internlm2, minicpm, baichuan (remote "
                                              "code), llama, qwen2, qwen3, mistral, phi3; qwen2-gptq, "
                                              "qwen2-gptq-actorder, qwen2-awq (quantized checkpoints), qwen2-lora "
-                                             "(a PEFT adapter for the qwen2 fixture).")],
+                                             "(a PEFT adapter for the qwen2 fixture); qwen2_vl "
+                                             "(vision-language).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
                                                       "(default: qwen 2023-11, chatglm 2023-07; a wrong one lists "
@@ -136,6 +137,7 @@ def fixture_cmd(
     from surgery.fixtures.native import FAMILIES, build_native
     from surgery.fixtures.quantized import FIXTURES as QUANTIZED
     from surgery.fixtures.quantized import build_quantized
+    from surgery.fixtures.qwen2_vl import build_qwen2_vl
     from surgery.fsutil import staged_directory
     from surgery.outputs import claim, write_record
 
@@ -145,8 +147,10 @@ def fixture_cmd(
               "minicpm": (minicpm.build, minicpm.REVISIONS, "2024-02"),
               "baichuan": (baichuan.build, baichuan.REVISIONS, "7b")}  # family -> builder, styles, default
     derived = [*QUANTIZED, "qwen2-lora"]  # a GPTQ/AWQ checkpoint, or a LoRA adapter for the qwen2 fixture
-    if kind not in remote and kind not in FAMILIES and kind not in derived:
-        raise SurgeryError(f"no fixture named {kind!r}; available: {', '.join([*remote, *FAMILIES, *derived])}")
+    vl = {"qwen2_vl": build_qwen2_vl}  # vision-language: a tiny tower, tokenizer with vision tokens, processor
+    if kind not in remote and kind not in FAMILIES and kind not in derived and kind not in vl:
+        raise SurgeryError(f"no fixture named {kind!r}; available: "
+                           f"{', '.join([*remote, *FAMILIES, *derived, *vl])}")
     if kind in remote:
         build, revisions, default = remote[kind]
         revision = revision or default
@@ -158,6 +162,8 @@ def fixture_cmd(
             build(stage, revision=revision, seed=seed)
         elif kind in QUANTIZED:
             build_quantized(stage, QUANTIZED[kind], seed=seed)
+        elif kind in vl:
+            vl[kind](stage, seed=seed)
         elif kind == "qwen2-lora":
             build_lora(build_native("qwen2", stage / "base"), stage, seed=seed)
             shutil.rmtree(stage / "base")
