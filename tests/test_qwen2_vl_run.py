@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_qwen2_vl import _image, original, vl  # noqa: F401  (module fixtures, rebuilt for this module)
+from test_pack_qwen2_vl import _image, original, vl  # noqa: F401  (module fixtures, rebuilt for this module)
 
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
