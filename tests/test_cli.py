@@ -45,7 +45,8 @@ def test_list_json_describes_packs(tmp_path: Path):
     assert listed.returncode == 0
     qwen = next(p for p in json.loads(listed.stdout) if p["name"] == "qwen")
     ids = [p["id"] for p in qwen["patches"]]
-    assert ids[:6] == ["sdpa-off", "sdpa-branch", "full-divisor", "causal-mask", "attention-mask", "present-kv"]
+    assert ids[:7] == ["sdpa-off", "sdpa-branch", "full-divisor", "causal-mask", "attention-mask", "rotary-input",
+                       "present-kv"]
     assert all(p["summary"] for p in qwen["patches"])
 
 
