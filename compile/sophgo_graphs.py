@@ -41,6 +41,8 @@ def deploy_flags(graph: GraphSpec, o: CompileOptions) -> list[str]:
         flags = ["--quantize", float_mode(o.quantize), "--quant_input", "--quant_output"]
     elif graph.kind == "lm_head":
         flags = ["--quantize", float_mode(o.quantize), "--quant_input"]
+    elif graph.kind == "vision":  # a VL model's tower: float (F16/BF16 as asked), pixels in, embeddings out
+        flags = ["--quantize", float_mode(o.quantize)]
     elif graph.kind == "sample_head":  # the runtime passes as many seen ids as it keeps: a dynamic net
         flags = ["--quantize", "F32", "--dynamic"]
     else:  # greedy_head
