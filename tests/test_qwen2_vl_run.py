@@ -160,3 +160,13 @@ def test_export_cli_image_size_and_optimized_graphs(vl, photo, tmp_path, monkeyp
         assert code == 0, err
         tokens.append(json.loads(out)["tokens"])
     assert tokens[0] == tokens[1] and len(tokens[0]) >= 1
+
+
+def test_text_only_prompt_on_a_vl_export_equals_generate(vl, original):  # noqa: F811
+    """Without an image the three position components are equal: still token-identical to transformers."""
+    ids = [5, 9, 17, 33, 41, 7]
+    got = OnnxModel(vl["onnx"]).generate(ids, NEW).tokens
+    with torch.no_grad():
+        want = original.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(ids):].tolist()
+    assert got == want
