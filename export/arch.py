@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from surgery.export.engine_spec import EngineSpec
-    from surgery.export.vision import VisionSpec
+    from surgery.export.vision_spec import VisionSpec
 
 # call_block(block, hidden, cos, sin, mask, past) -> (hidden, k, v); cos/sin are [1, S, D] for the
 # tokens being processed, past is (history_k, history_v) or None, k/v are this step's only.

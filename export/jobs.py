@@ -105,11 +105,12 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
 
 def vision_job(model: torch.nn.Module, spec: ArchSpec, size: tuple[int, int], dtype: torch.dtype) -> Job:
     """The `vision` graph: patchified pixels of one image of `size` -> one embedding per merge window."""
-    from surgery.export.vision import Qwen2VisionGraph, patch_grid
+    from surgery.export import vision
+    from surgery.export.vision_spec import patch_grid
 
     grid = patch_grid(spec.vision, model.config, size)
     geo = spec.vision.geometry(model.config)
     width = geo["channels"] * geo["temporal_patch_size"] * geo["patch_size"] ** 2
     pixels = torch.randn(grid[0] * grid[1], width, dtype=dtype, generator=torch.Generator().manual_seed(2))
-    module = Qwen2VisionGraph(spec.part(model, spec.vision.path), grid)
+    module = getattr(vision, spec.vision.wrapper)(spec.part(model, spec.vision.path), grid)
     return Job("vision", "vision", module, {"pixel_values": pixels}, ["image_embeds"], needs=(spec.vision.path,))

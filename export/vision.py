@@ -9,35 +9,8 @@ holds only the conv, the blocks and the merger, which every NPU compiler takes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    """Where a VL model keeps its tower and how its processor cuts an image into the tower's input."""
-
-    path: str  # the tower module, e.g. "model.visual"
-    config: str  # attribute of the model config holding the vision config
-    default_size: tuple[int, int]  # image size (height, width) when export is not told one
-
-    def geometry(self, config: object) -> dict[str, int]:
-        vision = getattr(config, self.config)
-        return {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
-                "merge_size": vision.spatial_merge_size, "channels": vision.in_channels}
-
-
-def patch_grid(spec: VisionSpec, config: object, size: tuple[int, int]) -> tuple[int, int]:
-    """(grid_h, grid_w) in patches for an image of `size`; a size the merge windows do not tile is refused."""
-    from surgery.errors import SurgeryError
-
-    geo = spec.geometry(config)
-    step = geo["patch_size"] * geo["merge_size"]
-    if any(s <= 0 or s % step for s in size):
-        raise SurgeryError(f"--image-size {size[0]}x{size[1]}: both sides must be positive multiples of {step} "
-                           f"(patch {geo['patch_size']} x merge {geo['merge_size']})")
-    return size[0] // geo["patch_size"], size[1] // geo["patch_size"]
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 
 class Qwen2VisionGraph(torch.nn.Module):
@@ -45,8 +18,6 @@ class Qwen2VisionGraph(torch.nn.Module):
 
     def __init__(self, visual: torch.nn.Module, grid: tuple[int, int]) -> None:
         super().__init__()
-        from transformers.vision_utils import get_vision_position_ids
-
         self.visual = visual
         grid_thw = torch.tensor([[1, grid[0], grid[1]]])
         positions = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
@@ -62,3 +33,37 @@ class Qwen2VisionGraph(torch.nn.Module):
         for block in self.visual.blocks:
             hidden = block(hidden, cu_seqlens=self.cu_seqlens, position_embeddings=(self.cos, self.sin))
         return self.visual.merger(hidden)
+
+
+class Qwen25VisionGraph(torch.nn.Module):
+    """Qwen2.5-VL's tower: as Qwen2-VL's, plus window attention. The merge windows are reordered window by
+    window (a constant gather), blocks outside `fullatt_block_indexes` attend within each window (the constant
+    window boundaries split the attention), and the merger's output is put back in raster order."""
+
+    def __init__(self, visual: torch.nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.visual = visual
+        grid_thw = torch.tensor([[1, grid[0], grid[1]]])
+        n = grid[0] * grid[1]
+        positions = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+        order, windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                 window_size=visual.window_size, patch_size=visual.patch_size)
+        cos, sin = visual.rotary_pos_emb(torch.zeros(1), positions)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("restore", torch.argsort(order), persistent=False)
+        self.register_buffer("cos", self._windowed(cos.detach().clone(), n), persistent=False)
+        self.register_buffer("sin", self._windowed(sin.detach().clone(), n), persistent=False)
+        self.register_buffer("full", torch.tensor([0, n], dtype=torch.int32), persistent=False)
+        self.register_buffer("windows", windows, persistent=False)
+
+    def _windowed(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        unit = self.visual.spatial_merge_unit
+        return rows.reshape(n // unit, unit, -1)[self.order].reshape(n, -1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.visual.patch_embed(pixel_values)
+        hidden = self._windowed(hidden, hidden.shape[0])
+        for i, block in enumerate(self.visual.blocks):
+            bounds = self.full if i in self.visual.fullatt_block_indexes else self.windows
+            hidden = block(hidden, cu_seqlens=bounds, position_embeddings=(self.cos, self.sin))
+        return self.visual.merger(hidden)[self.restore]

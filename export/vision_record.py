@@ -9,7 +9,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.export.arch import ArchSpec
-from surgery.export.vision import patch_grid
+from surgery.export.vision_spec import patch_grid
 
 PREPROCESSOR = "preprocessor_config.json"
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's numbering

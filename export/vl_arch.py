@@ -3,15 +3,21 @@ multimodal RoPE, and the vision tower (export/vision.py)."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from surgery.export.arch import ArchSpec, native_block
-from surgery.export.vision import VisionSpec
+from surgery.export.vision_spec import VisionSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 def qwen2_vl_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The text rotary table [seq, D] for 1-D positions. Multimodal RoPE only chooses, per frequency, which
     position component indexes this one table (export/blocks.py gathers per component)."""
+    import torch
+
     positions = torch.arange(seq)[None]
     probe = torch.zeros(1, dtype=torch.float32)
     cos, sin = model.model.language_model.rotary_emb(probe, positions)  # [1, seq, D]: three equal components
@@ -33,5 +39,8 @@ QWEN2_VL_SPEC = ArchSpec(
     head_dim=lambda c: _text(c).hidden_size // _text(c).num_attention_heads,
     mrope_section=lambda c: tuple(_text(c).rope_parameters["mrope_section"]),
     checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
-    vision=VisionSpec(path="model.visual", config="vision_config", default_size=(448, 448)),
+    vision=VisionSpec(path="model.visual", config="vision_config", default_size=(448, 448),
+                      wrapper="Qwen2VisionGraph"),
 )
+# Qwen2.5-VL: the same language model and checkpoint layout; the tower adds window attention
+QWEN2_5_VL_SPEC = replace(QWEN2_VL_SPEC, vision=replace(QWEN2_VL_SPEC.vision, wrapper="Qwen25VisionGraph"))

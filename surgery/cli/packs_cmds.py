@@ -119,8 +119,8 @@ def fixture_cmd(
     kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm, internlm2, minicpm, baichuan (remote "
                                              "code), llama, qwen2, qwen3, mistral, phi3; qwen2-gptq, "
                                              "qwen2-gptq-actorder, qwen2-awq (quantized checkpoints), qwen2-lora "
-                                             "(a PEFT adapter for the qwen2 fixture); qwen2_vl "
-                                             "(vision-language).")],
+                                             "(a PEFT adapter for the qwen2 fixture); qwen2_vl, "
+                                             "qwen2_5_vl (vision-language).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
                                                       "(default: qwen 2023-11, chatglm 2023-07; a wrong one lists "
@@ -132,6 +132,8 @@ def fixture_cmd(
 
     Example: surgery fixture qwen --out ./tiny-qwen --revision 2023-12
     """
+    from functools import partial
+
     from surgery.fixtures import baichuan, chatglm, internlm2, minicpm, qwen_v1
     from surgery.fixtures.lora import build_lora
     from surgery.fixtures.native import FAMILIES, build_native
@@ -147,7 +149,7 @@ def fixture_cmd(
               "minicpm": (minicpm.build, minicpm.REVISIONS, "2024-02"),
               "baichuan": (baichuan.build, baichuan.REVISIONS, "7b")}  # family -> builder, styles, default
     derived = [*QUANTIZED, "qwen2-lora"]  # a GPTQ/AWQ checkpoint, or a LoRA adapter for the qwen2 fixture
-    vl = {"qwen2_vl": build_qwen2_vl}  # vision-language: a tiny tower, tokenizer with vision tokens, processor
+    vl = {f: partial(build_qwen2_vl, family=f) for f in ("qwen2_vl", "qwen2_5_vl")}  # vision-language
     if kind not in remote and kind not in FAMILIES and kind not in derived and kind not in vl:
         raise SurgeryError(f"no fixture named {kind!r}; available: "
                            f"{', '.join([*remote, *FAMILIES, *derived, *vl])}")
