@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_pack_qwen2_5_vl import vl25  # noqa: F401  (module fixture: the exported tiny Qwen2.5-VL)
 from test_pack_qwen2_vl import vl  # noqa: F401  (module fixture: the exported tiny Qwen2-VL)
 
 from surgery.compile.base import CompileOptions
@@ -24,10 +25,12 @@ def test_vision_graph_deploys_as_a_float_net():
 
 @pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run "
                     "`surgery toolchain install sophgo` (make toolchains)")
-def test_vision_graph_on_the_bm1684x_simulator(vl, tmp_path: Path):  # noqa: F811
+@pytest.mark.parametrize("family, fixture", [("qwen2_vl", "vl"), ("qwen2_5_vl", "vl25")])
+def test_vision_graph_on_the_bm1684x_simulator(family, fixture, request, tmp_path: Path):
+    vl = request.getfixturevalue(fixture)  # noqa: F811
     manifest = SOPHGO.compile(vl["onnx"], tmp_path / "out", CompileOptions("bm1684x", quantize="f16",
                                                                          check="sample"))
-    assert (tmp_path / "out" / "qwen2_vl_f16_seq64_1dev.bmodel").is_file()
+    assert (tmp_path / "out" / f"{family}_f16_seq64_1dev.bmodel").is_file()
     rows = {(r["graph"], r["output"]): r for r in manifest.compiled.parity}
     assert rows[("vision", "image_embeds")]["cosine"] >= 0.999
     assert manifest.compiled.details["routes"]["vision"]["deploy"][:2] == ["--quantize", "F16"]
@@ -41,9 +44,11 @@ def vl_manifest_vision(vl) -> dict:  # noqa: F811
 
 
 @pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: run `surgery toolchain install mnn`")
-def test_vision_graph_through_mnn(vl, tmp_path: Path):  # noqa: F811
+@pytest.mark.parametrize("fixture", ["vl", "vl25"])
+def test_vision_graph_through_mnn(fixture, request, tmp_path: Path):
     """MNN's LLM engine layout has no place for a vision tower (and no engine spec for qwen2_vl yet): the per-graph
     layout converts every graph, vision.mnn included."""
+    vl = request.getfixturevalue(fixture)  # noqa: F811
     manifest = MNN.compile(vl["onnx"], tmp_path / "out", CompileOptions("mnn", quantize="f16", layout="graphs"))
     assert (tmp_path / "out" / "vision.mnn").is_file()
     rows = {(r["graph"], r["output"]): r for r in manifest.compiled.parity}
