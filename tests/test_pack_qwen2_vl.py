@@ -127,3 +127,27 @@ def test_bad_image_size_is_one_line(vl, tmp_path, size, words):
         export_model(vl["patched"], tmp_path / "o", ExportOptions(seq_length=SEQ, trust_remote_code=True,
                                                                   image_size=size))
     assert "\n" not in str(err.value)
+
+
+def test_tied_head_streams_from_the_stored_embedding(tmp_path):
+    """Qwen2-VL-2B ties its head to the embedding, which its checkpoint stores once as `model.embed_tokens`: the
+    head's table is found through both the tie and the checkpoint prefix, and tokens equal generate()'s."""
+    from safetensors import safe_open
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from surgery.fixtures.qwen2_vl import build_qwen2_vl
+    from surgery.runtime import OnnxModel
+
+    src = build_qwen2_vl(tmp_path / "src", seed=1, tied=True)
+    with safe_open(str(src / "model.safetensors"), "pt") as stored:
+        assert "lm_head.weight" not in stored.keys()
+    write_plan(plan_apply(get_pack("qwen2_vl"), src, ApplyOptions(seq_length=SEQ, dtype="fp32")), tmp_path / "p")
+    export_model(tmp_path / "p", tmp_path / "o", ExportOptions(seq_length=SEQ, trust_remote_code=True,
+                                                              image_size=SIZE))
+    ids = [5, 9, 17, 33, 41, 7]
+    got = OnnxModel(tmp_path / "o").generate(ids, 16).tokens
+    model = Qwen2VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    assert got == want
