@@ -51,6 +51,7 @@ class ConvertOptions:
     layout: str = "runtime"  # the adapter's output layout (compile/base.py)
     lora: Path | None = None  # a PEFT adapter merged into the weights (export/lora.py)
     lora_mode: str = "merged"
+    image_size: tuple[int, int] | None = None  # VL models: the vision graph's image size (None: the pack's)
 
     def compile_options(self) -> CompileOptions:
         return CompileOptions(self.chip, self.quantize, self.q_group_size, self.symmetric, self.num_core,
@@ -92,7 +93,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
 
         export_model(stages_dir / "apply", dst, ExportOptions(seq_length=o.seq_length, embedding_disk=o.embedding_disk,
                                                               trust_remote_code=trust, table_dtype=table_dtype,
-                                                              graphs=graphs))
+                                                              graphs=graphs, image_size=o.image_size))
         rows = verify_export(dst, trust_remote_code=trust, level=o.check) if graphs and o.check != "none" else []
         return {"parity": [r.as_dict() for r in rows]}
 
@@ -123,12 +124,13 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     model_hash = sha256_text(json.dumps({p.name: [p.stat().st_size, int(p.stat().st_mtime)]
                                          for p in sorted(model.iterdir()) if p.is_file()}, sort_keys=True))
     opts = {k: str(v) for k, v in asdict(o).items() if k not in ("out_dir", "jobs", "force", "executor", "address")
-            and (o.lora is not None or k not in ("lora", "lora_mode"))}  # float runs keep their old keys
+            and (o.lora is not None or k not in ("lora", "lora_mode"))  # float runs keep their old keys
+            and (o.image_size is not None or k != "image_size")}  # so do text-only ones
     stages = [
         Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length,
                                   **({"lora": lora} if lora else {})}),
         Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check,
-                                     "graphs": graphs}),
+                                     "graphs": graphs, **({"image_size": list(o.image_size)} if o.image_size else {})}),
         Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check,
                                          "passes": adapter.compiles_graphs(o.compile_options())}),
         Stage("compile", do_compile, opts),

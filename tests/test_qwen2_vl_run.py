@@ -170,3 +170,16 @@ def test_text_only_prompt_on_a_vl_export_equals_generate(vl, original):  # noqa:
         want = original.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(ids):].tolist()
     assert got == want
+
+
+def test_convert_with_image_size_gives_a_bundle_run_image_takes(vl, photo, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`surgery convert ... -c onnx --image-size 56x84`: the bundle keeps the vision graph and its record, and
+    `run --image` on it generates what it generates on the export."""
+    code, _, err = _cli(monkeypatch, capsys, "convert", "auto", "-m", vl["src"], "-o", tmp_path / "bundle", "-s", 64,
+                        "-c", "onnx", "--image-size", "56x84", "--trust-remote-code")
+    assert code == 0, err
+    assert Manifest.read(tmp_path / "bundle").vision["image_size"] == [56, 84]
+    args = ["--image", photo, "--prompt", "Describe the dog", "--max-new-tokens", 12, "--json"]
+    runs = [json.loads(_cli(monkeypatch, capsys, "run", where, *args)[1])["tokens"]
+            for where in (vl["onnx"], tmp_path / "bundle")]
+    assert runs[0] == runs[1]

@@ -120,6 +120,8 @@ def convert_cmd(
                                                          help="Longest prompt the runtime accepts.")] = None,
     embedding_disk: Annotated[bool, typer.Option("--embedding_disk", help="Embedding as a bf16 table on the "
                                                  "host instead of graphs.")] = False,
+    image_size: Annotated[str | None, typer.Option("--image-size", "--image_size", help="Vision-language models: "
+                                                   "the vision graph's image size, 448 or HEIGHTxWIDTH.")] = None,
     trust_remote_code: Trust = False,
     layout: Layout = "runtime",
     jobs: Jobs = 2,
@@ -134,11 +136,13 @@ def convert_cmd(
 
     Example: surgery convert qwen -m ./Qwen-7B-Chat -s 512 -q w4bf16 -g 128 -c bm1684x -o ./qwen_7b --trust-remote-code
     """
+    from surgery.cli.graph_cmds import parse_image_size
     from surgery.convert import ConvertOptions, convert
 
     options = ConvertOptions(pack, model_path, out_dir, seq_length, quantize, q_group_size, chip, num_device,
                              num_core, symmetric, max_input_length, embedding_disk, trust_remote_code, jobs,
-                             check.value, force, executor.value, address, layout, lora, lora_mode)
+                             check.value, force, executor.value, address, layout, lora, lora_mode,
+                             parse_image_size(image_size))
     with progress("converting:", as_json) as report:
         result = convert(options, progress=report)
     if as_json:
