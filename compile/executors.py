@@ -23,12 +23,15 @@ from surgery.errors import SurgeryError
 class LocalExecutor:
     """Builds on this machine's worker pool."""
 
-    def __init__(self, pool: WorkerPool, cost: Callable[[GraphJob], float] | None = None) -> None:
+    def __init__(self, pool: WorkerPool, cost: Callable[[GraphJob], float] | None = None,
+                 exclusive: Callable[[GraphJob], bool] | None = None) -> None:
         self.pool = pool
         self.cost = cost  # the dearest builds start first
+        self.exclusive = exclusive  # builds never run two at a time (memory)
 
     def build(self, jobs: list[GraphJob], source: Path, work: Path, cache: Path) -> list[Path]:
-        return self.pool.map(lambda worker, job: build(worker, job, source, work, cache), jobs, cost=self.cost)
+        return self.pool.map(lambda worker, job: build(worker, job, source, work, cache), jobs, cost=self.cost,
+                             exclusive=self.exclusive)
 
 
 class GraphBuilder:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -66,8 +66,6 @@ _WARM: queue.Queue[TpuMlirWorker] = queue.Queue()
 def prewarm(count: int) -> None:
     """Start `count` workers in the background now (each spends ~8 s importing the compiler), so a compile
     that comes later (after export and optimize, in `convert`) finds them ready."""
-    import threading
-
     def start() -> None:
         try:
             _WARM.put(TpuMlirWorker())
@@ -100,21 +98,55 @@ class WorkerPool:
             return self.free.get()
 
     def map(self, fn: Callable[[TpuMlirWorker, T], R], items: Iterable[T],
-            cost: Callable[[T], float] | None = None) -> list[R]:
+            cost: Callable[[T], float] | None = None, exclusive: Callable[[T], bool] | None = None) -> list[R]:
         """`fn` over `items` on the workers, results in the items' order. With `cost`, the dearest items start
-        first: a long job started last would leave the other workers idle while it runs alone."""
-        def run(item: T) -> R:
-            worker = self._take()
-            try:
-                return fn(worker, item)
-            finally:
-                self.free.put(worker)
-
+        first: a long job started last would leave the other workers idle while it runs alone. Items
+        `exclusive` says yes to never run two at a time (at 7B a vocabulary-table build holds GBs): a free
+        worker takes the dearest item it may run, so the others keep working meanwhile."""
         items = list(items)
-        order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = {i: pool.submit(run, items[i]) for i in order}
-            return [futures[i].result() for i in range(len(items))]
+        pending = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
+        alone = [bool(exclusive and exclusive(item)) for item in items]
+        results: dict[int, R] = {}
+        errors: list[BaseException] = []
+        state = threading.Condition()
+        busy = [False]  # an exclusive item is running
+
+        def next_item() -> int | None:
+            with state:
+                while pending and not errors:
+                    i = next((i for i in pending if not (alone[i] and busy[0])), None)
+                    if i is not None:
+                        pending.remove(i)
+                        busy[0] = busy[0] or alone[i]
+                        return i
+                    state.wait()
+                return None
+
+        def loop() -> None:
+            worker = None
+            try:
+                while (i := next_item()) is not None:
+                    worker = worker or self._take()
+                    try:
+                        results[i] = fn(worker, items[i])
+                    except BaseException as exc:  # re-raised below, in the caller's thread
+                        errors.append(exc)
+                    finally:
+                        with state:
+                            busy[0] = busy[0] and not alone[i]
+                            state.notify_all()
+            finally:
+                if worker is not None:
+                    self.free.put(worker)
+
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(min(self.jobs, len(items)))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return [results[i] for i in range(len(items))]
 
     def close(self) -> None:
         for worker in self.started:

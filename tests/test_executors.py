@@ -64,3 +64,37 @@ def test_ray_executor_matches_the_local_pool(tmp_path: Path, monkeypatch: pytest
         assert list((tmp_path / "cache-host" / "sophgo").glob("*.bmodel"))
     finally:
         ray.shutdown()
+
+
+def test_pool_runs_exclusive_items_one_at_a_time_and_the_rest_beside_them():
+    """At 7B a vocabulary-table build holds GBs: two at once took compile past 9 GB. `exclusive` items never
+    overlap, while the other worker keeps taking the rest; results stay in the items' order."""
+    import threading
+    import time
+
+    from surgery.compile.tpumlir import WorkerPool
+
+    pool = WorkerPool(2)
+    pool.started = ["w1", "w2"]  # stand-in workers: fn below never talks to a compiler
+    for worker in pool.started:
+        pool.free.put(worker)
+    lock, running, seen = threading.Lock(), {"table": 0, "all": 0}, {"table": 0, "all": 0}
+
+    def fn(worker: str, item: str) -> str:
+        with lock:
+            for key in ("all", *(["table"] if item.startswith("table") else [])):
+                running[key] += 1
+                seen[key] = max(seen[key], running[key])
+        time.sleep(0.05)
+        with lock:
+            for key in ("all", *(["table"] if item.startswith("table") else [])):
+                running[key] -= 1
+        return f"{item}@{worker}"
+
+    items = ["table0", "table1", "table2", "block0", "block1", "block2", "block3"]
+    out = pool.map(fn, items, cost=lambda i: 9 if i.startswith("table") else 1,
+                   exclusive=lambda i: i.startswith("table"))
+    assert [o.split("@")[0] for o in out] == items
+    assert seen == {"table": 1, "all": 2}
+    with pytest.raises(ValueError, match="boom"):
+        pool.map(lambda w, i: (_ for _ in ()).throw(ValueError("boom")) if i == 2 else i, [1, 2, 3])
