@@ -96,3 +96,13 @@ def test_remote_code_needs_consent(tmp_path: Path):
     with pytest.raises(SurgeryError, match="pass --trust-remote-code"):
         convert(ConvertOptions("qwen", src, tmp_path / "out", seq_length=32, chip="ax650"))
     assert not (tmp_path / "out").exists()
+
+
+def test_compiler_workers_start_early_only_below_7b_tables():
+    """Prewarmed workers overlap export at small sizes; at a 7B table they would add 2 GB to export's peak."""
+    from surgery.convert import PREWARM_BELOW, table_bytes
+
+    assert table_bytes({"vocab_size": 151936, "hidden_size": 896}) < PREWARM_BELOW  # Qwen2-0.5B: prewarm
+    assert table_bytes({"vocab_size": 151936, "hidden_size": 4096}) >= PREWARM_BELOW  # Qwen-7B: not
+    assert table_bytes({"padded_vocab_size": 65024, "hidden_size": 4096}) == 65024 * 4096 * 2  # ChatGLM's key
+    assert table_bytes({}) == 0
