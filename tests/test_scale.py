@@ -62,7 +62,7 @@ def test_compile_a_graph_over_2gb_for_bm1684x(big: Path):
     from surgery.compile.sophgo import ADAPTER as SOPHGO
 
     if not (big / "opt" / "manifest.json").is_file():
-        pytest.skip("needs the optimized directory of the test before")
+        pytest.skip(reason="needs the optimized directory of the test before")
     with PeakWatch() as watch:
         manifest = SOPHGO.compile(big / "opt", big / "bm", CompileOptions("bm1684x", "w4bf16", 64))
     assert manifest.compiled.details["routes"]["lm_head"]["route"] == "table"

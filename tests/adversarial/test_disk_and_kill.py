@@ -26,7 +26,7 @@ def mounted(path: Path, options: str) -> Iterator[Path]:
     path.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        pytest.skip(reason=f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         yield path
     finally:
