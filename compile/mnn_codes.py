@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from surgery.compile.mnn_weights import header
+from surgery.compile.mnn_weights import append_entry, pack
 from surgery.export.dequant import awq_columns, unpack_cols, unpack_rows
 from surgery.export.lora import MergedIndex
 from surgery.export.quantized import DequantizedIndex
@@ -87,35 +86,9 @@ def _dequantized(index) -> DequantizedIndex | None:
 
 def write_codes(file, codes: Codes, bias: torch.Tensor | None) -> tuple[list[int], bool]:
     """Append one linear in MNN's asymmetric block storage, values and scales from the checkpoint;
-    returns its `external` entry and whether its dims are int32 (as mnn_weights.write_linear does)."""
+    returns its `external` entry and whether its dims are int32 (mnn_weights.append_entry)."""
     n, k = codes.codes.shape
-    offset = 1 << (codes.bits - 1)
-    start = file.tell()
-    head, wide = header(n, k, codes.bits)
-    file.write(head)
-    stored = codes.codes.to(torch.uint8).flatten().numpy()
-    if codes.bits == 4:
-        stored = (stored[0::2] << 4) | stored[1::2]
-    file.write(stored.tobytes())
-    weight_bytes = file.tell() - start
-    zero = codes.scales * (offset - codes.zeros.float())
-    pairs = torch.stack([zero.flatten(), codes.scales.flatten()], -1).flatten()
-    file.write(pairs.numpy().astype("<f4").tobytes())
-    scale_bytes = file.tell() - start - weight_bytes
-    bias_bytes = file.write(bias.numpy().astype("<f4").tobytes()) if bias is not None else 0
-    return [start, weight_bytes, scale_bytes, bias_bytes, 0], wide
-
-
-def decode(blob: bytes, external: list[int], bits: int, block: int) -> np.ndarray:
-    """The float weight MNN's loader reads back from an asymmetric entry (for tests and checks)."""
-    start, weight_bytes, scale_bytes = external[:3]
-    data = blob[start:start + weight_bytes]
-    dims = np.frombuffer(data[1:5], dtype="<i2").astype(np.int64)
-    n, k = int(dims[0]), int(dims[1])
-    table = data[5] or 256
-    packed = np.frombuffer(data[6 + table:], dtype=np.uint8)
-    values = np.stack([packed >> 4, packed & 15], -1).flatten() if bits == 4 else packed
-    v = values[: n * k].astype(np.float32).reshape(n, k // block, block)
-    alpha = np.frombuffer(blob[start + weight_bytes:start + weight_bytes + scale_bytes], dtype="<f4")
-    zero, scale = alpha[0::2].reshape(n, -1, 1), alpha[1::2].reshape(n, -1, 1)
-    return ((v - (1 << (bits - 1))) * scale + zero).reshape(n, k)
+    zero = codes.scales * ((1 << (codes.bits - 1)) - codes.zeros.float())
+    pairs = torch.stack([zero.flatten(), codes.scales.flatten()], -1).flatten().numpy().astype("<f4")
+    stored = pack(codes.codes.to(torch.uint8).flatten().numpy(), codes.bits)
+    return append_entry(file, n, k, codes.bits, [(stored, pairs)], bias)

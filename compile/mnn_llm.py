@@ -84,11 +84,10 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
             raise SurgeryError(f"MNNConvert kept {fused} FusedAttention nodes of {facts['layer_nums']} layers "
                                f"(see {log})")
         if weights is not None:
+            from surgery.compile.mnn_codes import CheckpointCodes
             from surgery.compile.mnn_weights import write_linears
 
             (stage / "stage.mnn.weight").touch()  # absent when the rest of the graph had no external weights
-            from surgery.compile.mnn_codes import CheckpointCodes
-
             own = CheckpointCodes(weights)  # a GPTQ/AWQ checkpoint's codes go in as they are
             write_linears(graph, stage / "stage.mnn.weight", weights, bits, block, symmetric, codes=own)
             kept = own.used

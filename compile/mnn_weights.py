@@ -17,7 +17,7 @@ loaders read it (source/core/IDSTEncoder.hpp, ConvolutionCommon.cpp; llmexport w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +51,16 @@ def quantize(weight: torch.Tensor, bits: int, block: int, symmetric: bool) -> tu
         scale = (high - low) / (2 * offset - 1)
         q = (torch.round((w - low) / torch.where(scale == 0, 1.0, scale)) - offset).clamp(-offset, top)
         alpha = torch.stack([(low + offset * scale).flatten(), scale.flatten()], -1).flatten()
-    stored = (q + offset).to(torch.uint8).flatten().numpy()
+    return pack((q + offset).to(torch.uint8).flatten().numpy(), bits), alpha.numpy().astype("<f4")
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Stored values (uint8, 0 .. 2^bits - 1, row-major) packed `bits` wide, high bits first."""
     if bits == 4:
-        stored = (stored[0::2] << 4) | stored[1::2]
-    elif bits != 8:
+        return (values[0::2] << 4) | values[1::2]
+    if bits != 8:
         raise SurgeryError(f"MNN weights of {bits} bits are not written here; use 4 or 8")
-    return stored, alpha.numpy().astype("<f4")
+    return values
 
 
 def header(oc: int, ic: int, bits: int) -> tuple[bytes, bool]:
@@ -67,16 +71,16 @@ def header(oc: int, ic: int, bits: int) -> tuple[bytes, bool]:
     return b"\x02" + dims + np.array(table, dtype=np.int8).tobytes(), wide
 
 
-def write_linear(file, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, block: int,
-                 symmetric: bool) -> tuple[list[int], bool]:
-    """Append one linear at the file's end; returns its `external` entry and whether dims are int32."""
-    oc, ic = weight.shape
+def append_entry(file, oc: int, ic: int, bits: int, rows: Iterable[tuple[np.ndarray, np.ndarray]],
+                 bias: torch.Tensor | None) -> tuple[list[int], bool]:
+    """Append one linear's entry at the file's end: header, the packed values of every chunk of `rows`
+    ((packed values, fp32 scales) of consecutive rows), then every scale, then the bias. Returns its
+    `external` entry and whether its dims are int32."""
     start = file.tell()
     head, wide = header(oc, ic, bits)
     file.write(head)
     scales = []
-    for row in range(0, oc, ROWS_PER_CHUNK):  # packed values first, all rows; then every scale
-        stored, alpha = quantize(weight[row:row + ROWS_PER_CHUNK], bits, block, symmetric)
+    for stored, alpha in rows:  # packed values first, all rows; then every scale
         file.write(stored.tobytes())
         scales.append(alpha)
     weight_bytes = file.tell() - start
@@ -84,6 +88,14 @@ def write_linear(file, weight: torch.Tensor, bias: torch.Tensor | None, bits: in
     scale_bytes = file.tell() - start - weight_bytes
     bias_bytes = file.write(bias.numpy().astype("<f4").tobytes()) if bias is not None else 0
     return [start, weight_bytes, scale_bytes, bias_bytes, 0], wide
+
+
+def write_linear(file, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, block: int,
+                 symmetric: bool) -> tuple[list[int], bool]:
+    """Append one float linear, quantized here chunk by chunk; see `append_entry`."""
+    oc, ic = weight.shape
+    rows = (quantize(weight[row:row + ROWS_PER_CHUNK], bits, block, symmetric) for row in range(0, oc, ROWS_PER_CHUNK))
+    return append_entry(file, oc, ic, bits, rows, bias)
 
 
 def _attrs(op: dict) -> dict:

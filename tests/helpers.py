@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from surgery.apply import plan_apply, write_plan
 from surgery.packs import ApplyOptions, get_pack
 
@@ -28,3 +30,20 @@ def generic_copy(onnx_dir: Path, dst: Path) -> Path:
     shutil.copytree(onnx_dir, dst)
     optimize_dir(dst, "generic", keep=False)
     return dst
+
+
+def decode_mnn_linear(raw: bytes, external: list[int], oc: int, ic: int, bits: int,
+                      block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weight [oc, ic] and bias of one linear in MNN's block storage, by the rules MNN's loaders follow
+    (written out here, not taken from compile/mnn_weights.py): values `q + 2^(b-1)` packed high bits first,
+    row-major, after the header; fp32 scales per (row, block), asymmetric pairs (zero, scale) with
+    w = (v - 2^(b-1)) * scale + zero; then the fp32 bias."""
+    start, weight_bytes, scale_bytes, bias_bytes, _ = external
+    values = np.frombuffer(raw, np.uint8, oc * ic * bits // 8, start + weight_bytes - oc * ic * bits // 8)
+    if bits == 4:
+        values = np.stack([values >> 4, values & 15], -1).reshape(-1)
+    v = values.reshape(oc, ic // block, block).astype(np.float32) - (1 << (bits - 1))
+    alpha = np.frombuffer(raw, "<f4", scale_bytes // 4, start + weight_bytes).reshape(oc, ic // block, -1)
+    w = v * alpha[..., -1:] + (alpha[..., :1] if alpha.shape[-1] == 2 else 0)
+    bias = np.frombuffer(raw, "<f4", bias_bytes // 4, start + weight_bytes + scale_bytes)
+    return w.reshape(oc, ic), bias

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import decode_mnn_linear
 
-from surgery.compile.mnn_codes import codes_of, decode, write_codes
+from surgery.compile.mnn_codes import codes_of, write_codes
 from surgery.compile.mnn_weights import write_linear
 from surgery.compile.toolchains import installed
 from surgery.convert import ConvertOptions, convert
@@ -30,7 +31,7 @@ def test_decoder_reads_mnn_weights_own_storage():
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     file = io.BytesIO()
     external, _ = write_linear(file, weight, None, 4, 32, symmetric=False)
-    got = decode(file.getvalue(), external, 4, 32)
+    got, _ = decode_mnn_linear(file.getvalue(), external, 16, 64, 4, 32)
     step = (weight.reshape(16, 2, 32).amax(-1) - weight.reshape(16, 2, 32).amin(-1)) / 15
     assert np.all(np.abs(got - weight.numpy()).reshape(16, 2, 32) <= step.numpy()[..., None] / 2 + 1e-6)
 
@@ -45,7 +46,7 @@ def test_stored_codes_decode_to_the_checkpoint_weights_exactly(name: str, tmp_pa
         assert codes is not None and codes.group == spec.group_size and codes.bits == spec.bits
         file = io.BytesIO()
         external, _ = write_codes(file, codes, None)
-        decoded = decode(file.getvalue(), external, spec.bits, codes.group)
+        decoded, _ = decode_mnn_linear(file.getvalue(), external, *codes.codes.shape, spec.bits, codes.group)
         np.testing.assert_array_equal(decoded, index.read([f"{module}.weight"])[f"{module}.weight"].numpy())
 
 

@@ -10,20 +10,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import decode_mnn_linear as decode
 
 from surgery.compile.mnn_weights import block_for, header, write_linear
-
-
-def decode(raw: bytes, external: list[int], oc: int, ic: int, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    start, weight_bytes, scale_bytes, bias_bytes, _ = external
-    values = np.frombuffer(raw, np.uint8, oc * ic * bits // 8, start + weight_bytes - oc * ic * bits // 8)
-    if bits == 4:
-        values = np.stack([values >> 4, values & 15], -1).reshape(-1)
-    v = values.reshape(oc, ic // block, block).astype(np.float32) - (1 << (bits - 1))
-    alpha = np.frombuffer(raw, "<f4", scale_bytes // 4, start + weight_bytes).reshape(oc, ic // block, -1)
-    w = v * alpha[..., -1:] + (alpha[..., :1] if alpha.shape[-1] == 2 else 0)
-    bias = np.frombuffer(raw, "<f4", bias_bytes // 4, start + weight_bytes + scale_bytes)
-    return w.reshape(oc, ic), bias
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (4, True), (8, False), (8, True)])
