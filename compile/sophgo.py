@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +45,6 @@ SIMULATE_COST = {"lm_head": 21.0, "block": 15.0, "block_cache": 12.0, "embedding
 # a vocabulary table this large (a 7B model's: 1.2 GB in bf16) is built and simulated by one worker at a time:
 # each such job holds a few copies of it, and two at once took the compile stage past 9 GB (bench/scale.py)
 BIG_TABLE = 1 << 30
-TABLE_KINDS = ("embedding", "embedding_cache", "lm_head")
 
 
 def big_table(job) -> bool:
@@ -107,7 +107,8 @@ class SophgoAdapter(Adapter):
             compiled.write(out)
             rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
                             sampled(manifest, options.check, costly=True), manifest.vocab_size, work,
-                            compiled.compiled.details.setdefault("simulate_seconds", {}))
+                            compiled.compiled.details.setdefault("simulate_seconds", {}),
+                            heavy={j.name for j in jobs if big_table(j)})
         shutil.rmtree(work / "tables", ignore_errors=True)  # compiler intermediates: GBs at 7B
         for scratch in work.glob("*/*weight*.npz"):
             scratch.unlink(missing_ok=True)
@@ -123,9 +124,10 @@ def built_seconds(work: Path, jobs: list) -> dict[str, dict[str, float]]:
 
 
 def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs: list[GraphSpec], vocab: int,
-             work: Path, seconds: dict[str, float]):
+             work: Path, seconds: dict[str, float], heavy: Collection[str] = ()):
     """Each chosen graph's bmodel on the CPU simulator against onnxruntime on the same inputs; the time each
-    simulation took goes into `seconds` (the manifest: what a check level costs at this size)."""
+    simulation took goes into `seconds` (the manifest: what a check level costs at this size). Graphs named
+    in `heavy` (a big table's) are simulated one at a time."""
 
     def one(worker: TpuMlirWorker, graph: GraphSpec):
         gdir = work / graph.name
@@ -144,12 +146,8 @@ def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs:
 
         return check_graph(onnx_dir, graph, vocab, run)
 
-    def heavy(graph: GraphSpec) -> bool:
-        return graph.kind in TABLE_KINDS and bool(graph.data_file) and \
-            (onnx_dir / graph.data_file).stat().st_size >= BIG_TABLE
-
-    return [row for rows in pool.map(one, graphs, cost=lambda g: SIMULATE_COST.get(g.kind, 1), exclusive=heavy)
-            for row in rows]
+    return [row for rows in pool.map(one, graphs, cost=lambda g: SIMULATE_COST.get(g.kind, 1),
+                                     exclusive=lambda g: g.name in heavy) for row in rows]
 
 
 ADAPTER = SophgoAdapter()
