@@ -7,6 +7,13 @@ The contract it follows is the runtime's, not ours: nets found by name (`embeddi
 nets, SEQ read from the embedding net, the prompt zero-padded and masked, and the KV history kept in each
 `block_cache_i`'s own input buffers (inputs 3 and 4), written row by row at the token's position. Sampling
 draws one of the first `top_k` candidates of `sample_head` with its probabilities.
+
+Vision-language bmodels hold the tower as one more net, `vision`, which is no layer (LLM-TPU's Qwen2-VL runtime,
+`models/Qwen2_VL/python_demo/chat.cpp`, calls its tower `vit` and counts it out of the layers the same way). As
+there, the tower's output rows are copied over the embedding output at the image tokens before `block_0`
+(`forward_vit`'s d2d at `vit_offset`), and blocks whose `position_ids` input has three rows take multimodal-RoPE
+positions: the prompt's (temporal, height, width) triple per token at prefill, slot p + delta in all three at
+decode, computed on the host as LLM-TPU's Python pipeline computes them (surgery/vision_input.py).
 """
 
 import time
@@ -25,12 +32,13 @@ class Driver:
         self.model = pyruntime_bm.Model(bmodel, 0, "")
         names = set(self.model.networks)
         self.nets = {name: self.model.Net(name) for name in names}
-        heads = [h for h in ("greedy_head", "sample_head") if h in names]
+        heads = [h for h in ("greedy_head", "sample_head", "vision") if h in names]
         self.layers = (len(names) - 3 - len(heads)) // 2
         missing = [n for i in range(self.layers) for n in (f"block_{i}", f"block_cache_{i}") if n not in names]
         if missing or not {"embedding", "embedding_cache", "lm_head"} <= names:
             raise ValueError(f"not an LLM bmodel in the runtime's layout: missing {missing or 'embedding/lm_head'}")
         self.seq = self.nets["embedding"].inputs[0].data.shape[-1]
+        self.mrope = len(self.nets["block_0"].inputs[1].data.shape) == 3  # position_ids [3, 1, SEQ]
 
     def _set(self, tensor, value):
         value = np.asarray(value)
@@ -74,7 +82,27 @@ class Driver:
         choice = 0 if k == 1 or weights.sum() <= 0 else rng.choice(k, p=weights / weights.sum())
         return int(tokens.reshape(-1)[choice])
 
-    def generate(self, prompt, max_new, eos=(), sampling=None, seed=0):
+    def _positions(self, n, media):
+        """Prefill positions: [1, SEQ] 0..n-1, or [3, 1, SEQ] (the media's triples, else three equal rows)."""
+        if not self.mrope:
+            if media is not None and media.get("positions") is not None:
+                raise ValueError("this bmodel's blocks take one position row; the media brings three")
+            pos = np.zeros((1, self.seq), np.int32)
+            pos[0, :n] = np.arange(n)
+            return pos
+        pos = np.zeros((3, 1, self.seq), np.int32)
+        given = None if media is None else media.get("positions")
+        pos[:, 0, :n] = np.arange(n) if given is None else given
+        return pos
+
+    def _step_position(self, p, delta):
+        if not self.mrope:
+            return np.array([[p]], np.int32)
+        return np.full((3, 1, 1), p + delta, np.int32)
+
+    def generate(self, prompt, max_new, eos=(), sampling=None, seed=0, media=None):
+        """`media` (VL bmodels): {"embeds" [tokens, hidden], "slots" (prompt indices of the image tokens),
+        "positions" [3, n] or None, "delta"}; the embeddings are the bmodel's own `vision` net's output."""
         seq, n, rng = self.seq, len(prompt), np.random.default_rng(seed)
         if not 0 < n < seq:
             raise ValueError(f"the prompt has {n} tokens; this bmodel takes 1 to {seq - 1}")
@@ -82,8 +110,10 @@ class Driver:
         ids = np.zeros((1, seq), np.int32)
         ids[0, :n] = prompt
         hidden = self.run("embedding", [ids])[0]
-        pos = np.zeros((1, seq), np.int32)
-        pos[0, :n] = np.arange(n)
+        if media is not None:  # LLM-TPU's VL runtime: the vision output copied over the image tokens' rows
+            hidden[0, np.asarray(media["slots"])] = media["embeds"]
+        pos = self._positions(n, media)
+        delta = int(media.get("delta", 0)) if media is not None else 0
         rows = np.arange(seq)
         mask = np.where((rows[None, :] <= rows[:, None]) & (rows[:, None] < n), 0.0, MASK)[None, None]
         for i in range(self.layers):
@@ -107,7 +137,7 @@ class Driver:
             dmask = np.where((slots < p) | (slots == seq), 0.0, MASK)[None, None, None].astype(np.float32)
             for i in range(self.layers):
                 cache = self.nets[f"block_cache_{i}"]
-                hidden, k, v = self.run(f"block_cache_{i}", [hidden, np.array([[p]], np.int32), dmask],
+                hidden, k, v = self.run(f"block_cache_{i}", [hidden, self._step_position(p, delta), dmask],
                                         keep=(3, 4))
                 self._write_row(cache.inputs[3], p, k[0, 0])
                 self._write_row(cache.inputs[4], p, v[0, 0])

@@ -256,15 +256,17 @@ def op_simulate(tools, r):
 
 def op_generate(tools, r):
     """Generation through a whole combined bmodel, as LLM-TPU's runtime drives it (bmodel_driver.py)."""
+    import numpy as np
     from bmodel_driver import Driver
 
-    if r["bmodel"] not in tools.models:
-        tools.models.clear()  # one loaded bmodel at a time (see op_simulate)
+    if r["bmodel"] not in tools.models or not hasattr(tools.models[r["bmodel"]][0], "generate"):
+        tools.models.clear()  # one loaded bmodel at a time (see op_simulate), a Driver rather than a bare Model
         gc.collect()
         tools.models[r["bmodel"]] = (Driver(r["bmodel"]), {})
     driver = tools.models[r["bmodel"]][0]
+    media = dict(np.load(r["media"])) if r.get("media") else None  # VL: the vision net's rows and positions
     result = driver.generate(r["prompt"], r["max_new_tokens"], set(r.get("eos", [])), r.get("sampling"),
-                             r.get("seed", 0))
+                             r.get("seed", 0), media)
     with open(r["result"], "w") as fh:
         json.dump(result, fh)
 

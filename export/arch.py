@@ -51,9 +51,16 @@ class ArchSpec:
     vision: VisionSpec | None = None  # a VL model's vision tower, exported as the `vision` graph
     # (module prefix, checkpoint prefix) pairs: where the checkpoint stores names the module tree nests elsewhere
     checkpoint_prefixes: tuple[tuple[str, str], ...] = ()
+    # the language model's config inside the model config, where `get_text_config()` does not find it (InternVL's
+    # remote config keeps it as `llm_config`); None: `get_text_config()` (the config itself for text-only models)
+    text_config: Callable[[object], object] | None = None
 
     def part(self, model: torch.nn.Module, path: str):
         return attrgetter(path)(model)
+
+    def text(self, config: object) -> object:
+        """The language model's config: what hidden size, heads and vocabulary are read from."""
+        return self.text_config(config) if self.text_config else config.get_text_config()
 
 
 def qwen_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
 from surgery.export.source import export_spec_for, load_streaming
 from surgery.export.tables import Table, write_table
 from surgery.export.trace import export_job
-from surgery.export.vision_record import mrope_conventions, vision_record
+from surgery.export.vision_record import mrope_conventions
 from surgery.export.weights import Resident
 from surgery.fsutil import STAGING_PREFIX, atomic_write_json, sha256_file, sha256_text
 from surgery.manifest import GraphSpec, Manifest, TensorSpec
@@ -94,8 +94,9 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         checked.add(table.file)
 
     graphs, table_files = [], {}
-    size = options.image_size or (spec.vision.default_size if spec.vision else None)
-    vision = vision_record(model_dir, model.config, config, spec, size, options.seq_length) if spec.vision else None
+    size = options.image_size or (spec.vision.size(model.config) if spec.vision else None)
+    vision = spec.vision.record(model_dir, model.config, config, spec, size, options.seq_length) if spec.vision \
+        else None
     jobs = plan_jobs(model, spec, options.seq_length, options.dtype, options.blocks,
                      embedding_graphs=not options.embedding_disk, image_size=size) if options.graphs else []
     for job in jobs:
@@ -119,7 +120,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         graphs.append(GraphSpec(job.name, path.name, job.kind, inputs, [TensorSpec.of(o) for o in done["outputs"]],
                                 done["hashes"][path.name], job.layer, data_file=data, data_sha256=data_sha))
     embedding_file = None
-    cfg = model.config.get_text_config()  # a VL model's language model
+    cfg = spec.text(model.config)  # a VL model's language model
     if options.embedding_disk:
         table = Table(resident.aliases.get(f"{spec.embedding}.weight", f"{spec.embedding}.weight"), EMBEDDING_FILE,
                       DTYPES["bf16"], (cfg.vocab_size, cfg.hidden_size))

@@ -48,7 +48,7 @@ class Job:
 def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
               blocks: tuple[int, ...] | None = None, embedding_graphs: bool = True,
               image_size: tuple[int, int] | None = None) -> list[Job]:
-    cfg = model.config.get_text_config()  # a VL model's language model; the config itself otherwise
+    cfg = spec.text(model.config)  # a VL model's language model; the config itself otherwise
     hidden, dtype = cfg.hidden_size, DTYPES[dtype_name]
     kv, hd = spec.num_kv_heads(cfg), spec.head_dim(cfg)
     layers = spec.part(model, spec.layers)
@@ -99,18 +99,14 @@ def plan_jobs(model: torch.nn.Module, spec: ArchSpec, seq: int, dtype_name: str,
                      "top_k": torch.tensor([50], dtype=torch.int32), "top_p": torch.tensor([0.8])},
                     ["probs", "tokens"]))
     if spec.vision is not None:
-        jobs.append(vision_job(model, spec, image_size or spec.vision.default_size, dtype))
+        jobs.append(vision_job(model, spec, image_size or spec.vision.size(model.config), dtype))
     return jobs
 
 
 def vision_job(model: torch.nn.Module, spec: ArchSpec, size: tuple[int, int], dtype: torch.dtype) -> Job:
-    """The `vision` graph: patchified pixels of one image of `size` -> one embedding per merge window."""
-    from surgery.export import vision
-    from surgery.export.vision_spec import patch_grid
-
-    grid = patch_grid(spec.vision, model.config, size)
-    geo = spec.vision.geometry(model.config)
-    width = geo["channels"] * geo["temporal_patch_size"] * geo["patch_size"] ** 2
-    pixels = torch.randn(grid[0] * grid[1], width, dtype=dtype, generator=torch.Generator().manual_seed(2))
-    module = getattr(vision, spec.vision.wrapper)(spec.part(model, spec.vision.path), grid)
-    return Job("vision", "vision", module, {"pixel_values": pixels}, ["image_embeds"], needs=(spec.vision.path,))
+    """The `vision` graph: the pixels of one image of `size` (as the spec lays them out) -> its embeddings."""
+    grid = spec.vision.grid(model.config, size)
+    shape = spec.vision.input_shape(model.config, grid)
+    pixels = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    module = spec.vision.build(model, grid)
+    return Job("vision", "vision", module, {"pixel_values": pixels}, ["image_embeds"], needs=spec.vision.needs())

@@ -81,9 +81,10 @@ class ImportWithFallback(_ImportOutsideTry):
 
     name = "import-with-fallback"
 
-    def __init__(self, module: str, fallback: str) -> None:
+    def __init__(self, module: str, fallback: str, note: str | None = None) -> None:
         super().__init__(module)
         self.fallback = fallback
+        self.note = note or f"{module} is gone in transformers 5"  # why the marker says the import is guarded
         self.anchor = f"`from {module} import ...` outside a try block"
 
     def takes(self, node: cst.ImportFrom, module: str) -> bool:
@@ -91,7 +92,7 @@ class ImportWithFallback(_ImportOutsideTry):
 
     def handler(self, node: cst.ImportFrom) -> tuple[str, str]:
         indented = "".join(f"    {line}\n" if line else "\n" for line in self.fallback.strip("\n").splitlines())
-        return f"except ImportError:\n{indented}", f"{self.module} is gone in transformers 5"
+        return f"except ImportError:\n{indented}", self.note
 
 
 class ImportOrNone(_ImportOutsideTry):

@@ -121,14 +121,14 @@ class Runtime:
     def _prefill_positions(self, n: int, media: Media | None) -> np.ndarray:
         """[1, SEQ] positions 0..n-1, or [3, 1, SEQ] under multimodal RoPE (text-only: three equal rows)."""
         seq = self.manifest.seq_length
-        if media is not None and not self.mrope:
+        if media is not None and self.manifest.vision is None:
             raise SurgeryError(f"{self.dir} is not a vision-language export; it cannot take an image")
         if not self.mrope:
             pos = np.zeros((1, seq), np.int32)
             pos[0, :n] = np.arange(n)
             return pos
         pos = np.zeros((3, 1, seq), np.int32)
-        pos[:, 0, :n] = media.positions if media is not None else np.arange(n)
+        pos[:, 0, :n] = media.positions if media is not None and media.positions is not None else np.arange(n)
         return pos
 
     def _step_position(self, p: int, media: Media | None) -> np.ndarray:

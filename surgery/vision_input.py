@@ -116,9 +116,9 @@ def image_request(model, image_path: str | Path, tokenizer, text: str | None, ch
     if vision is None:
         raise SurgeryError(f"{model.dir} is not a vision-language export (its manifest has no vision graph); "
                            "drop --image")
-    if model.manifest.backend != "onnxruntime":
-        raise SurgeryError(f"--image runs on the exported ONNX graphs; {model.dir} holds {model.manifest.backend} "
-                           "models, so run the export directory instead")
+    if not callable(getattr(model, "run", None)):  # a runtime that cannot run the vision graph by itself
+        raise SurgeryError(f"--image: {model.dir} holds {model.manifest.backend} models in a layout whose runtime "
+                           "takes no image embeddings; run the export directory instead")
     image = load_image(image_path)
     ids = image_prompt(tokenizer, text, chat, vision) if text is not None else expand_image_tokens(tokens, vision)
     if len(ids) >= model.manifest.seq_length:

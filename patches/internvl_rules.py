@@ -1,0 +1,90 @@
+"""Rules for InternVL's remote code (a rule library: it defines no pack; patches/internvl.py does).
+
+InternVL's chat model builds its language model from transformers' own `Qwen2ForCausalLM` /
+`LlamaForCausalLM`, imported by name, and picks flash attention in its constructor. Both are decided in the
+chat model's file, so both rules rewrite a name there: the import is pointed at the pack's patched copy of the
+transformers file, and the flash switch becomes a constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import libcst as cst
+import libcst.matchers as m
+
+from surgery.codemod import Rule
+
+
+def _code(node: cst.CSTNode) -> str:
+    return cst.Module([]).code_for_node(node)
+
+
+class ImportFromLocalCopy(Rule):
+    """`from <module> import A, Qwen2ForCausalLM` -> `from <module> import A` followed by
+    `from .modeling_qwen2 import Qwen2ForCausalLM`: the class now comes from the patched copy the pack writes
+    beside the remote code (`copies`: imported name -> local module). Imports inside try blocks are left alone."""
+
+    name = "import-from-local-copy"
+
+    def __init__(self, module: str, copies: Mapping[str, str]) -> None:
+        super().__init__()
+        self.module, self.copies = module, dict(copies)
+        self.anchor = f"`from {module} import ...` naming one of {', '.join(self.copies)}"
+
+    def _takes(self, node: cst.BaseSmallStatement) -> bool:
+        return (isinstance(node, cst.ImportFrom) and not node.relative and node.module is not None
+                and _code(node.module) == self.module and not isinstance(node.names, cst.ImportStar)
+                and any(a.evaluated_name in self.copies for a in node.names))
+
+    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine,
+                                  updated: cst.SimpleStatementLine) -> cst.BaseStatement:
+        if len(updated.body) != 1 or not self._takes(updated.body[0]):
+            return updated
+        node = updated.body[0]
+        moved = [a for a in node.names if a.evaluated_name in self.copies]
+        kept = [a for a in node.names if a.evaluated_name not in self.copies]
+        local = [cst.parse_statement(f"from .{self.copies[a.evaluated_name]} import "
+                                     f"{_code(a.with_changes(comma=cst.MaybeSentinel.DEFAULT))}\n") for a in moved]
+        names = ", ".join(a.evaluated_name for a in moved)
+        first = local[0].with_changes(leading_lines=[] if kept else updated.leading_lines)
+        first = self.mark(first, f"{names} from the pack's patched copy, not transformers")
+        if not kept:
+            return cst.FlattenSentinel([first, *local[1:]])
+        kept[-1] = kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        stripped = updated.with_changes(body=[node.with_changes(names=kept)])
+        return cst.FlattenSentinel([stripped, first, *local[1:]])
+
+
+class ForceLocalAssignment(Rule):
+    """In `<cls>.<method>`, each statement `<name> = <expr>` becomes `<name> = <value>` (InternVL's
+    `use_flash_attn = use_flash_attn if has_flash_attn else False` -> `use_flash_attn = False`): the flag
+    is decided once, where the constructor decides it, whatever the caller or the installed packages say."""
+
+    name = "force-local-assignment"
+
+    def __init__(self, cls: str, method: str, target: str, value: str) -> None:
+        super().__init__()
+        self.cls, self.method, self.target, self.value = cls, method, target, value
+        self.anchor = f"`{target} = ...` in `{cls}.{method}`"
+        self._inside: list[bool] = []
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self._inside.append(node.name.value == self.cls)
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
+        self._inside.pop()
+        return updated
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        if not (self._inside and self._inside[-1] and updated.name.value == self.method):
+            return updated
+        pattern = m.SimpleStatementLine([m.Assign(targets=[m.AssignTarget(m.Name(self.target))])])
+        body = []
+        for stmt in updated.body.body:
+            if m.matches(stmt, pattern) and _code(stmt.body[0].value) != self.value:
+                assign = stmt.body[0]
+                stmt = self.mark(stmt.with_changes(body=[assign.with_changes(value=cst.parse_expression(self.value))]),
+                                 f"was `{_code(assign.value)}`")
+            body.append(stmt)
+        return updated.with_changes(body=updated.body.with_changes(body=body))

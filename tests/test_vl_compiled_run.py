@@ -1,0 +1,76 @@
+"""`surgery run <compiled VL bundle> --image`: the bm1684x bundle (its compiled `vision` net and the LLM's nets on
+TPU-MLIR's CPU simulator, driven as LLM-TPU's runtime drives them) and MNN's per-graph layout generate the same
+greedy tokens as the ONNX reference runtime on the same image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_pack_qwen2_vl import _image, vl  # noqa: F401  (module fixture: the exported tiny Qwen2-VL)
+from test_qwen2_vl_run import _cli
+
+from surgery.compile.base import CompileOptions
+from surgery.compile.toolchains import installed
+from surgery.errors import SurgeryError
+from surgery.runtime import OnnxModel, load_tokenizer
+from surgery.vision_input import image_prompt, load_image, prepare
+
+NEW, QUESTION = 16, "Describe the dog"
+
+
+@pytest.fixture(scope="module")
+def reference(vl):  # noqa: F811
+    """The photo (at the exported size, so no resampling filter is involved), the ONNX runtime's greedy tokens
+    for it, and the smallest top-1/top-2 logit gap along the way: a compiled float16 model can only be held
+    to exact tokens where no step is a near tie."""
+    photo = vl["root"] / "photo-56x84.png"
+    _image(15, (56, 84)).save(photo)  # no near tie in 24 steps (smallest gap 0.07)
+    model = OnnxModel(vl["onnx"])
+    vision = model.manifest.vision
+    ids = image_prompt(load_tokenizer(vl["onnx"]), QUESTION, chat=True, vision=vision)
+    gaps, pick = [], model._next
+
+    def next_token(hidden_row, seen, sampling, rng):
+        top = np.sort(model.run("lm_head", hidden_states=hidden_row)[0].reshape(-1))[-2:]
+        gaps.append(float(top[1] - top[0]))
+        return pick(hidden_row, seen, sampling, rng)
+
+    model._next = next_token
+    tokens = model.generate(ids, NEW, media=prepare(model.run, ids, load_image(photo), vision)).tokens
+    assert len(set(tokens)) >= 8, "fixture too degenerate for a token test"
+    return {"photo": photo, "ids": ids, "tokens": tokens, "min_gap": min(gaps)}
+
+
+def _run_image(monkeypatch, capsys, bundle, photo) -> dict:
+    code, out, err = _cli(monkeypatch, capsys, "run", bundle, "--image", photo, "--prompt", QUESTION, "--chat",
+                          "--max-new-tokens", NEW, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run "
+                    "`surgery toolchain install sophgo` (make toolchains)")
+def test_bm1684x_bundle_runs_an_image_like_the_onnx_reference(vl, reference, tmp_path, monkeypatch,  # noqa: F811
+                                                               capsys):
+    from surgery.compile.sophgo import ADAPTER as SOPHGO
+    from surgery.compile.sophgo_runtime import SophgoModel
+
+    assert reference["min_gap"] > 0.05, "the reference has a near tie F16 could flip: pick another question"
+    SOPHGO.compile(vl["onnx"], tmp_path / "bm", CompileOptions("bm1684x", quantize="f16", check="none"))
+    got = _run_image(monkeypatch, capsys, tmp_path / "bm", reference["photo"])
+    assert got["backend"] == "bmodel" and got["prompt_tokens"] == len(reference["ids"])
+    assert got["tokens"] == reference["tokens"]
+    with pytest.raises(SurgeryError, match="whole generations"):  # only the tower runs as a net of its own
+        SophgoModel(tmp_path / "bm").run("block_0")
+
+
+@pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: run `surgery toolchain install mnn`")
+def test_mnn_graphs_bundle_runs_an_image_like_the_onnx_reference(vl, reference, tmp_path, monkeypatch,  # noqa: F811
+                                                                  capsys):
+    from surgery.compile.mnn import ADAPTER as MNN
+
+    MNN.compile(vl["onnx"], tmp_path / "mnn", CompileOptions("mnn", quantize="fp32", layout="graphs", check="none"))
+    got = _run_image(monkeypatch, capsys, tmp_path / "mnn", reference["photo"])
+    assert got["backend"] == "mnn" and got["tokens"] == reference["tokens"]
