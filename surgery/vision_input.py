@@ -24,7 +24,7 @@ class Media:
 
     embeds: np.ndarray  # [tokens, hidden]
     slots: np.ndarray  # prompt indices of the image tokens
-    positions: np.ndarray  # int32 [3, n]: temporal, height, width per prompt token
+    positions: np.ndarray | None  # int32 [3, n]: temporal, height, width per prompt token; None: 1-D (InternVL)
     delta: int  # decode position p is fed as p + delta
 
 
@@ -51,6 +51,8 @@ def preprocess(image, vision: dict) -> np.ndarray:
     mean = np.asarray(vision["image_mean"], np.float32)[:, None, None]
     std = np.asarray(vision["image_std"], np.float32)[:, None, None]
     pixels = (pixels - mean) / std
+    if vision.get("pixel_layout") == "NCHW":  # the image itself (InternVL), not patches
+        return np.ascontiguousarray(pixels[None], dtype=np.float32)
     p, m, t = vision["patch_size"], vision["merge_size"], vision["temporal_patch_size"]
     c, gh, gw = pixels.shape[0], height // p, width // p
     patches = pixels.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
@@ -75,7 +77,8 @@ def image_prompt(tokenizer, text: str, chat: bool, vision: dict) -> list[int]:
 
     names = [tokenizer.convert_ids_to_tokens(vision[k]) for k in
              ("vision_start_token_id", "image_token_id", "vision_end_token_id")]
-    return expand_image_tokens(encode_prompt(tokenizer, "".join(names) + text, chat), vision)
+    text = "".join(names) + vision.get("text_after_image", "") + text  # InternVL: a newline
+    return expand_image_tokens(encode_prompt(tokenizer, text, chat), vision)
 
 
 def mrope_positions(ids: list[int], vision: dict) -> tuple[np.ndarray, int]:
@@ -104,7 +107,7 @@ def prepare(run, ids: list[int], image, vision: dict) -> Media:
     if len(slots) != len(embeds):
         raise SurgeryError(f"the prompt has {len(slots)} image tokens but the image gives {len(embeds)} embeddings; "
                            f"build it with one image token per embedding ({vision['tokens']})")
-    positions, delta = mrope_positions(ids, vision)
+    positions, delta = (None, 0) if vision.get("positions") == "1-D" else mrope_positions(ids, vision)
     return Media(embeds, slots, positions, delta)
 
 
