@@ -4,8 +4,10 @@ MNN's asymmetric block storage (compile/mnn_weights.py) decodes a stored value v
 `w = (v - 2^(b-1)) * scale + zero`. A checkpoint group decodes as `w = s * (code - z)`. Storing v = code,
 scale = s and zero = s * (2^(b-1) - z) makes the two the same numbers, so MNN runs the checkpoint's codes
 and scales as they are, whenever MNN's block is the checkpoint's group: same bits, the same group size,
-and groups of consecutive input channels (not act-order, whose g_idx scatters a group's channels). Other
-linears, and linears a LoRA adapter changes, fall back to quantizing the float weight.
+and groups of consecutive input channels. An act-order linear, whose g_idx scatters a group's channels,
+reaches MNN with its input channels sorted by group (export/act_order.py), and its codes are permuted the
+same way, so its groups are consecutive too. Other linears, and linears a LoRA adapter changes, fall back to
+quantizing the float weight.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from surgery.compile.mnn_weights import append_entry, pack
+from surgery.export.act_order import Regroup, RegroupedIndex
 from surgery.export.dequant import awq_columns, unpack_cols, unpack_rows
 from surgery.export.lora import MergedIndex
 from surgery.export.quantized import DequantizedIndex
@@ -32,8 +35,9 @@ class Codes:
     group: int
 
 
-def codes_of(index: DequantizedIndex, module: str) -> Codes | None:
-    """The checkpoint's codes of `module`, or None when MNN's blocks cannot hold them as they are."""
+def codes_of(index: DequantizedIndex, module: str, regroup: Regroup | None = None) -> Codes | None:
+    """The checkpoint's codes of `module`, or None when MNN's blocks cannot hold them as they are;
+    `regroup`: the permutations export gave the act-order linears' columns and rows."""
     q = index.quant
     if module not in index.modules:
         return None
@@ -48,8 +52,15 @@ def codes_of(index: DequantizedIndex, module: str) -> Codes | None:
     k = codes.shape[0]
     group = q.group_size if q.group_size > 0 else k
     consecutive = torch.arange(k) // group
-    if "g_idx" in parts and not torch.equal(t[f"{module}.g_idx"].long(), consecutive):
-        return None  # act-order: a group's channels are scattered
+    regroup = regroup or Regroup()
+    if module in regroup.columns:  # act-order, exported with its channels sorted by group
+        g_idx, codes = t[f"{module}.g_idx"].long()[regroup.columns[module]], codes[regroup.columns[module]]
+    else:
+        g_idx = t[f"{module}.g_idx"].long() if "g_idx" in parts else consecutive
+    if not torch.equal(g_idx, consecutive):
+        return None  # a group's channels are scattered
+    if module in regroup.rows:  # gate/up rows in down_proj's order
+        codes, zeros, scales = (x[:, regroup.rows[module]] for x in (codes, zeros, scales))
     if k % group or scales.shape[0] != k // group or int(zeros.max()) > (1 << q.bits) - 1:
         return None  # e.g. a GPTQ v1 zero of 0, stored as 15 and read as 16: off MNN's grid
     return Codes(codes.t().contiguous(), zeros.t().contiguous(), scales.float().t().contiguous(), q.bits, group)
@@ -61,7 +72,8 @@ class CheckpointCodes:
     def __init__(self, weights) -> None:
         resident = weights.resident
         self.index = _dequantized(resident.index)
-        merged = resident.index if isinstance(resident.index, MergedIndex) else None
+        self.regroup = resident.index.regroup if isinstance(resident.index, RegroupedIndex) else None
+        merged = _layer(resident.index, MergedIndex)
         self.adapted = {m for m in (merged.adapter.modules if merged else ())}
         paths = {id(m): n for n, m in resident.model.named_modules()}
         self.modules = {name: paths.get(id(linear)) for name, linear in weights.linears.items()}
@@ -71,7 +83,7 @@ class CheckpointCodes:
         module = self.modules.get(name)
         if self.index is None or module is None or module in self.adapted:
             return None
-        codes = codes_of(self.index, module)
+        codes = codes_of(self.index, module, self.regroup)
         if codes is None or codes.bits != bits or codes.group != block:
             return None
         self.used.append(module)
@@ -79,7 +91,12 @@ class CheckpointCodes:
 
 
 def _dequantized(index) -> DequantizedIndex | None:
-    while index is not None and not isinstance(index, DequantizedIndex):
+    return _layer(index, DequantizedIndex)
+
+
+def _layer(index, kind: type):
+    """The layer of type `kind` in a stack of derived indexes (regrouped over merged over dequantized)."""
+    while index is not None and not isinstance(index, kind):
         index = getattr(index, "base", None)
     return index
 

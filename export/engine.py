@@ -28,6 +28,7 @@ import onnx
 import torch
 
 from surgery.errors import SurgeryError
+from surgery.export.act_order import regroup_model
 from surgery.export.arch import ArchSpec
 from surgery.export.engine_linear import LinearWeights, weightless_linears
 from surgery.export.engine_spec import EngineSpec
@@ -187,6 +188,7 @@ def export_engine_graph(model_dir: Path, path: Path, trust_remote_code: bool = F
     the linears' weights come from: they are then left out of the graph (export/engine_linear.py)."""
     resident, config = load_streaming(Path(model_dir), ExportOptions(seq_length=trace_seq + 1, dtype="fp32",
                                                                      trust_remote_code=trust_remote_code))
+    resident.index, _ = regroup_model(resident.model, resident.index, resident.aliases)  # GPTQ act-order
     spec = export_spec_for(config["model_type"])
     graph = EngineGraph(spec, resident.model, config["model_type"]).eval()
     mask = torch.full((trace_seq, trace_seq), torch.finfo(torch.float32).min).triu(1)[None, None]

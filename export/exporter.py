@@ -18,6 +18,7 @@ import onnx
 
 from surgery.apply import RECORD, tool_versions
 from surgery.errors import SurgeryError
+from surgery.export.act_order import regroup_model
 from surgery.export.checkpoint import LORA_DIR, describe
 from surgery.export.jobs import DTYPES, ExportOptions, Job, plan_jobs
 from surgery.export.source import export_spec_for, load_streaming
@@ -61,6 +62,7 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
     if not 14 <= options.opset <= 20:
         raise SurgeryError(f"--opset {options.opset} is not supported; use 14 to 20 (vendor compilers take 17)")
     resident, config = load_streaming(model_dir, options)
+    resident.index, _ = regroup_model(resident.model, resident.index, resident.aliases)  # GPTQ act-order
     check_seq_length(options.seq_length, config)
     model = resident.model
     spec = export_spec_for(config["model_type"])

@@ -42,20 +42,21 @@ def source_summary(model_dir: Path, config: dict, adapter: str, options: Compile
     """The checkpoint's quantization and adapter, and (for a quantized one) whether and how much the
     compiler's second quantization changes its weights; `kept`: the Linears the compiler was handed as the
     checkpoint's own codes (compile/mnn_codes.py), which are not re-quantized."""
+    from surgery.export.act_order import RegroupedIndex, dequantized, plan
     from surgery.export.checkpoint import describe, open_checkpoint
-    from surgery.export.quantized import DequantizedIndex
 
     summary = describe(model_dir, config)
     if summary["quantization"] is None:
         return summary
     index = open_checkpoint(model_dir, config)
-    inner = index
-    while not isinstance(inner, DequantizedIndex):
-        inner = inner.base
+    inner = dequantized(index)
+    regroup = plan(index)  # act-order: the compiler is handed the columns sorted by group (export/act_order.py)
+    index = RegroupedIndex(index, regroup) if regroup else index
     requantized = [m for m in inner.modules if m not in set(kept)]
     compiler = measure(index, requantized, adapter, options) if requantized else {
         "requantizes": False, "how": f"{adapter} stores every quantized Linear with the checkpoint's own codes"}
-    return summary | {"compiler": compiler | {"kept_codes": len(kept), "quantized_linears": len(inner.modules)}}
+    return summary | {"compiler": compiler | {"kept_codes": len(kept), "quantized_linears": len(inner.modules),
+                                              "regrouped": len(regroup.columns)}}
 
 
 def report_lines(source: dict | None) -> list[str]:
@@ -71,6 +72,9 @@ def report_lines(source: dict | None) -> list[str]:
         if compiler.get("kept_codes"):
             lines.append(f"{compiler['kept_codes']} of {compiler['quantized_linears']} quantized Linears are stored "
                          "with the checkpoint's own codes and scales (no second quantization).")
+        if compiler.get("regrouped"):
+            lines.append(f"{compiler['regrouped']} act-order Linears were exported with their input channels sorted "
+                         "by GPTQ group, so the compiler's contiguous groups are the checkpoint's groups.")
         if compiler.get("requantizes"):
             lines.append(f"The compiler re-quantizes: {compiler['how']}. Re-quantized vs checkpoint weights over "
                          f"{compiler['linears']} Linears: worst cosine {compiler['min_cosine']:.7f} "

@@ -17,6 +17,7 @@ from surgery.compile.mnn_codes import codes_of, write_codes
 from surgery.compile.mnn_weights import write_linear
 from surgery.compile.toolchains import installed
 from surgery.convert import ConvertOptions, convert
+from surgery.export.act_order import RegroupedIndex, plan
 from surgery.export.checkpoint import open_checkpoint
 from surgery.fixtures.quantized import QuantSpec, build_quantized
 
@@ -50,10 +51,21 @@ def test_stored_codes_decode_to_the_checkpoint_weights_exactly(name: str, tmp_pa
         np.testing.assert_array_equal(decoded, index.read([f"{module}.weight"])[f"{module}.weight"].numpy())
 
 
-def test_act_order_codes_are_not_handed_over(tmp_path: Path):
+def test_act_order_codes_are_handed_over_regrouped(tmp_path: Path):
+    """Scattered groups cannot be MNN blocks; sorted by group as export hands the weights over
+    (export/act_order.py), the permuted codes decode exactly to the regrouped weights."""
     model = build_quantized(tmp_path / "m", QuantSpec(desc_act=True, sym=False))
     index = open_checkpoint(model, json.loads((model / "config.json").read_text()))
-    assert all(codes_of(index, module) is None for module in index.modules)  # scattered groups: re-quantized
+    assert all(codes_of(index, module) is None for module in index.modules)
+    regroup = plan(index)
+    regrouped = RegroupedIndex(index, regroup)
+    for module in index.modules:
+        codes = codes_of(index, module, regroup)
+        assert codes is not None and codes.group == 32
+        file = io.BytesIO()
+        external, _ = write_codes(file, codes, None)
+        decoded, _ = decode_mnn_linear(file.getvalue(), external, *codes.codes.shape, 4, codes.group)
+        np.testing.assert_array_equal(decoded, regrouped.read([f"{module}.weight"])[f"{module}.weight"].numpy())
 
 
 @pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: run `surgery toolchain install mnn`")
