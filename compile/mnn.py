@@ -126,6 +126,8 @@ class MnnAdapter(Adapter):
         from surgery.compile import mnn_llm as L
         from surgery.export.source import export_spec_for
 
+        if manifest.vision is not None:
+            raise SurgeryError(vision_refusal(manifest))
         bits, block = weight_bits(options.quantize), options.group_size
         model_dir = Path(manifest.source.get("model_dir", ""))
         if not (model_dir / "config.json").is_file():
@@ -195,6 +197,24 @@ def check_against_onnx(onnx_dir: Path, mnn_dir: Path, graphs: list[GraphSpec]) -
                 for row in check_graph(onnx_dir, g, vocab, lambda g, feeds: compiled.run(g.name, **feeds))]
     finally:
         compiled.worker.close()
+
+
+def vision_refusal(manifest: Manifest) -> str:
+    """Why the LLM-engine layout refuses a VL export. MNN 3.6.1's engine (the wheel) does run Qwen2-VL image
+    prompts (`<img>path</img>`: `transformers/llm/engine/src/omni.cpp` at tag 3.6.1, `qwen2VisionProcess`), but
+    `Omni::gen_position_ids` feeds every decode step `all_seq_len + i` in all three mrope rows, without the
+    image's position delta transformers adds (MNN fixed it after 3.6.1, faf71a1: `gen_seq_len +
+    mPositionIds.back() + i`), and `MropeInfo::currentIdx` resumes text after the image at start + columns
+    where transformers resumes at start + max(rows, columns); it also resizes bilinearly to a square
+    `image_size` where Qwen2-VL's processor resizes bicubically. Its tokens after an image would not be the
+    model's, so the bundle would fail the parity bar every other bundle meets."""
+    if manifest.conventions.get("mrope"):
+        return ("MNN's LLM engine layout cannot take this vision-language model: MNN 3.6.1's engine (omni.cpp "
+                "gen_position_ids) feeds decode steps positions without Qwen2-VL's multimodal-RoPE delta, so its "
+                "tokens after an image would differ from the model's; use --layout graphs (vision.mnn and the "
+                "LLM's graphs, which `surgery run --image` runs)")
+    return ("MNN's LLM engine layout has no vision tower (visual.mnn) for this vision-language model yet; use "
+            "--layout graphs (vision.mnn and the LLM's graphs, which `surgery run --image` runs)")
 
 
 ADAPTER = MnnAdapter()

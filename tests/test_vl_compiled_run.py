@@ -74,3 +74,14 @@ def test_mnn_graphs_bundle_runs_an_image_like_the_onnx_reference(vl, reference, 
     MNN.compile(vl["onnx"], tmp_path / "mnn", CompileOptions("mnn", quantize="fp32", layout="graphs", check="none"))
     got = _run_image(monkeypatch, capsys, tmp_path / "mnn", reference["photo"])
     assert got["backend"] == "mnn" and got["tokens"] == reference["tokens"]
+
+
+@pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: run `surgery toolchain install mnn`")
+def test_mnn_engine_layout_refuses_qwen2_vl_with_the_engines_reason(vl, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """MNN 3.6.1's engine runs Qwen2-VL image prompts with decode positions that lack the mrope delta
+    (compile/mnn.py vision_refusal): one line, before any work, pointing at the per-graph layout."""
+    code, _, err = _cli(monkeypatch, capsys, "compile", vl["onnx"], "--chip", "mnn", "-q", "fp32", "-o",
+                        tmp_path / "engine")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "multimodal-RoPE delta" in err and "--layout graphs" in err
+    assert not (tmp_path / "engine" / "llm.mnn").exists()
