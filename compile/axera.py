@@ -52,6 +52,8 @@ class AxeraOptions:
     calibration_prompts: int = 4
     calibration_tokens: int = 8
     weight_type: str = "S8"  # S8 weights, U16 activations: what the LLM builds use
+    calibration_images: tuple[str, ...] = ()  # VL models: images for the vision graph (none: synthesized)
+    vision_samples: int = 8  # how many images to synthesize when none are given
 
 
 def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str],
@@ -86,6 +88,8 @@ def axera_io(model: onnx.ModelProto, kv_width: int, rename: dict[str, str],
             return [shape[1], kv_width]
         if t.name == "attention_mask":
             return shape[2:]
+        if t.name == "position_ids" and len(shape) == 3:  # multimodal RoPE [3, 1, S]: three rows of S
+            return [shape[0], shape[2]]
         return shape[1:] if len(shape) > 1 else shape
 
     graph.inputs = [t if t.name in weights else boundary(t, axera_shape(t), True) for t in graph.inputs]
@@ -247,6 +251,13 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
         graphs.append({"graph": graph.name, "name": name, "samples": len(seen[graph.name]),
                        "inputs": [rename.get(t.name, t.name) for t in graph.inputs],
                        "outputs": [rename.get(t.name, t.name) for t in graph.outputs]})
+    if manifest.vision is not None:  # VL: the tower's build, calibrated from images (compile/axera_vision.py)
+        from surgery.compile.axera_vision import vision_kit
+
+        command, entry = vision_kit(onnx_dir, out, manifest, *CHIPS[options.chip], options.calibration_images,
+                                    options.vision_samples, write_calibration)
+        commands.append(command)
+        graphs.append(entry)
     embedding = out / f"{manifest.model_type}.embed_tokens.bf16.bin"
     if manifest.embedding_file:
         shutil.copyfile(onnx_dir / manifest.embedding_file["file"], embedding)
