@@ -35,6 +35,7 @@ class CompileOptions:
     jobs: int = 2
     check: str = "sample"  # none | sample | all (surgery/checks.py)
     layout: str = "runtime"  # the vendor runtime's file layout; an adapter may offer others (mnn: graphs)
+    lora: str | None = None  # a PEFT adapter exported beside the base model (--lora-mode separate)
 
 
 class Adapter:
@@ -79,6 +80,14 @@ class Adapter:
             raise SurgeryError(f"--layout {options.layout!r}: {self.name} writes {', '.join(self.layouts)}")
         if options.jobs < 1 or options.num_core < 1 or options.num_device < 1:
             raise SurgeryError("--jobs, --num-core and --num-device must be at least 1")
+        if options.lora is not None:
+            self.validate_lora(options)
+
+    def validate_lora(self, options: CompileOptions) -> None:
+        """Refuse an adapter exported beside the base model unless this adapter's runtime loads one (MNN's
+        engine does, and overrides this)."""
+        raise SurgeryError(f"--lora-mode separate: surgery writes a separate adapter only for MNN's LLM engine "
+                           f"(-c mnn, loaded with Llm::create_lora); for {options.chip} use --lora-mode merged")
 
     def preflight(self, options: CompileOptions) -> None:
         """Everything that can fail before hours of work: the options, then the toolchain."""

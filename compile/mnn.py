@@ -22,6 +22,7 @@ import numpy as np
 from surgery.checks import DELTA, check_graph, sampled
 from surgery.compile.base import QUANTIZATIONS, Adapter, CompileOptions, copy_host_files, finish, prepare
 from surgery.compile.logged import parallel, run_logged
+from surgery.compile.mnn_llm import LORA
 from surgery.compile.mnn_runtime import WORKER, MnnLlm, MnnModel
 from surgery.compile.toolchains import installed, python_of
 from surgery.errors import SurgeryError
@@ -70,6 +71,14 @@ class MnnAdapter(Adapter):
 
     def target(self, chip: str) -> str:
         return "mnn"
+
+    def validate_lora(self, options: CompileOptions) -> None:
+        """The adapter's own model (compile/mnn_lora.py) adds its branches to the engine graph's linears, which
+        are ours by name only when surgery writes them: the engine layout at 4/8 bits."""
+        if options.layout != "runtime" or weight_bits(options.quantize) is None:
+            raise SurgeryError("--lora-mode separate with -c mnn needs the engine layout (--layout runtime) and 4- or "
+                               "8-bit weights (-q w4*/w8*): the adapter's model is the engine graph plus the "
+                               "adapter's branches, reusing the base model's quantized linears by name")
 
     def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor: object = None) -> Manifest:
         self.local_only(executor, self.name)
@@ -133,10 +142,12 @@ class MnnAdapter(Adapter):
         if not (model_dir / "config.json").is_file():
             raise SurgeryError(f"the export's patched model {model_dir} is gone; MNN's engine layout is built from "
                                "it (re-run `surgery apply`, or compile with --layout graphs)")
-        owned.add("logs/", L.MODEL, L.WEIGHT, L.EMBEDDING, L.TOKENIZER, L.CONFIG, L.LLM_CONFIG)
+        lora = Path(options.lora) if options.lora else None  # --lora-mode separate: lora.mnn beside llm.mnn
+        owned.add("logs/", L.MODEL, L.WEIGHT, L.EMBEDDING, L.TOKENIZER, L.CONFIG, L.LLM_CONFIG,
+                  *([LORA] if lora else []))
         log = out / "logs" / "llm.log"
         log.unlink(missing_ok=True)
-        built = L.build_model(model_dir, out, python_of("mnn"), log, bits, block, options.symmetric)
+        built = L.build_model(model_dir, out, python_of("mnn"), log, bits, block, options.symmetric, lora)
         tie = built["tie_embeddings"]
         (out / L.EMBEDDING).unlink(missing_ok=True)
         if tie is None:
@@ -152,7 +163,8 @@ class MnnAdapter(Adapter):
                                                   TensorSpec("logits_index", [1], i32)],
                           [TensorSpec("logits", [1, -1, built["vocab_size"]], f32)], sha256_file(out / L.MODEL),
                           data_file=L.WEIGHT, data_sha256=sha256_file(out / L.WEIGHT))
-        files = [L.CONFIG, L.LLM_CONFIG, L.MODEL, L.WEIGHT, L.TOKENIZER, *([L.EMBEDDING] if tie is None else [])]
+        files = [L.CONFIG, L.LLM_CONFIG, L.MODEL, L.WEIGHT, L.TOKENIZER, *([L.EMBEDDING] if tie is None else []),
+                 *([LORA] if lora else [])]
         conventions = {"input_ids": "the embeddings, float [seq, 1, hidden] (the engine looks them up)",
                        "attention_mask": "the engine's: a scalar 0 on CPU, causality from its KV metadata",
                        "position_ids": "int32 [1, seq]", "logits_index": "int32 [1]: the position whose logits",
@@ -165,17 +177,18 @@ class MnnAdapter(Adapter):
                      "weight_quant_block": block if bits else None, "tie_embeddings": tie,
                      "linear_weights_written_by": built["linear_weights"],
                      "checkpoint_codes": built["checkpoint_codes"],  # linears stored with a GPTQ/AWQ's own codes
-                     "commands": built["commands"]})
+                     "commands": built["commands"], **({"lora": built["lora"]} if lora else {})})
         compiled.write(out)
-        rows = check_llm(model_dir, out, built["vocab_size"]) if options.check != "none" else []
+        rows = check_llm(model_dir, out, built["vocab_size"], lora) if options.check != "none" else []
         return finish(out, compiled, rows, {}, MIN_LOGITS_COSINE[bits],
                       f"MNN's LLM engine with {bits or 'float'} weights")
 
 
-def check_llm(model_dir: Path, out: Path, vocab: int, prompt_length: int = 8) -> list[Parity]:
+def check_llm(model_dir: Path, out: Path, vocab: int, lora: Path | None = None, prompt_length: int = 8) -> list[Parity]:
     """The engine's logits after a prefill against the patched model's own (export/engine_reference.py),
     same prompt, from the embedding rows the engine reads (the bf16 table's when it ships one): no exported
-    graph is needed."""
+    graph is needed. With a separate adapter, also the engine running `lora.mnn` over the base against the
+    model with the adapter merged."""
     from surgery.export.engine_reference import prefill_logits
     from surgery.parity import compare
 
@@ -183,7 +196,13 @@ def check_llm(model_dir: Path, out: Path, vocab: int, prompt_length: int = 8) ->
     # export already ran this model's code (the pack's patched modeling file) with the user's consent
     want = prefill_logits(model_dir, ids, trust_remote_code=True, bf16_rows=(out / "embeddings_bf16.bin").is_file())
     got = np.asarray(MnnLlm(out).engine(ids, 1)["logits"], np.float32)
-    return [compare("llm", "logits", got, want)]
+    rows = [compare("llm", "logits", got, want)]
+    if lora is not None:
+        want = prefill_logits(model_dir, ids, trust_remote_code=True, bf16_rows=(out / "embeddings_bf16.bin").is_file(),
+                              adapter=lora)
+        rows.append(compare(LORA, "logits", np.asarray(MnnLlm(out).engine(ids, 1, lora=LORA)["logits"], np.float32),
+                            want))
+    return rows
 
 
 def check_against_onnx(onnx_dir: Path, mnn_dir: Path, graphs: list[GraphSpec]) -> list[Parity]:

@@ -27,6 +27,7 @@ from surgery.fsutil import STAGING_PREFIX, atomic_write_json
 from surgery.manifest import Manifest
 
 MODEL, WEIGHT, EMBEDDING, TOKENIZER = "llm.mnn", "llm.mnn.weight", "embeddings_bf16.bin", "tokenizer.txt"
+LORA = "lora.mnn"  # --lora-mode separate: the adapter's model over the base (compile/mnn_lora.py)
 CONFIG, LLM_CONFIG = "config.json", "llm_config.json"
 
 
@@ -59,11 +60,12 @@ def attention_ops(graph: dict) -> int:
 
 
 def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int | None, block: int,
-                symmetric: bool) -> dict:
+                symmetric: bool, lora: Path | None = None) -> dict:
     """`out/llm.mnn` + `out/llm.mnn.weight` from the patched model; returns the graph facts, the
     `tie_embeddings` entry (None: ship the bf16 table) and the commands. With quantized weights MNNConvert
     sees the graph without its linears' weights, which compile/mnn_weights.py then writes one layer at a
-    time: memory stays one layer's, whatever the depth (MNNConvert held the whole graph twice)."""
+    time: memory stays one layer's, whatever the depth (MNNConvert held the whole graph twice). `lora`: an
+    adapter written as `out/lora.mnn`, the same graph plus its branches (compile/mnn_lora.py)."""
     from surgery.export.engine import export_engine_graph
 
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}llm-", dir=out))
@@ -101,15 +103,32 @@ def build_model(model_dir: Path, out: Path, python: Path, log: Path, bits: int |
         (stage / "stage.json").write_text(json.dumps(graph))
         run_logged([str(python), str(WORKER), "convert", *steps[2]], log, "MNNConvert (llm.mnn)", cwd=stage,
                    expect=stage / MODEL)
+        adapter = _write_lora(graph, weights, lora, stage, python, log) if lora is not None else None
         os.replace(stage / "stage.mnn.weight", out / WEIGHT)  # the JSON kept its offsets into this file
         os.replace(stage / MODEL, out / MODEL)
-        return {**facts, "tie_embeddings": tie, "commands": [["MNNConvert", *a] for a in steps],
+        if adapter is not None:
+            os.replace(stage / LORA, out / LORA)
+        return {**facts, "lora": adapter, "tie_embeddings": tie, "commands": [["MNNConvert", *a] for a in steps],
                 "linear_weights": "surgery (compile/mnn_weights.py)" if weights else "MNNConvert",
                 "checkpoint_codes": kept}
     finally:
         if weights is not None:
             weights.close()
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_lora(graph: dict, weights, lora: Path, stage: Path, python: Path, log: Path) -> dict:
+    """`stage/lora.mnn` from the final engine graph and the adapter; returns what the manifest records."""
+    from surgery.compile.mnn_lora import engine_names, lora_graph
+    from surgery.export.lora import read_adapter
+
+    adapter = read_adapter(lora)
+    (stage / "lora.json").write_text(json.dumps(lora_graph(graph, adapter, engine_names(weights))))
+    run_logged([str(python), str(WORKER), "convert", "-f", "JSON", "--modelFile", str(stage / "lora.json"),
+                "--MNNModel", str(stage / LORA), "--bizCode", "surgery"], log, "MNNConvert (lora.mnn)", cwd=stage,
+               expect=stage / LORA)
+    return {"file": LORA, **adapter.summary(),
+            "loaded_by": f"Llm::create_lora(\"{LORA}\") over the loaded base model (Python: model._c_obj.create_lora)"}
 
 
 def write_embedding(model_dir: Path, out: Path, key: str, shape: tuple[int, int]) -> None:

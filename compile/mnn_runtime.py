@@ -93,12 +93,14 @@ class MnnLlm:
         self.dir = Path(directory)
         self.manifest = Manifest.read(self.dir)
 
-    def engine(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> dict:
-        """Tokens, the prefill logits and timings from `MNN.llm.create(config.json)`."""
+    def engine(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None,
+               lora: str | None = None) -> dict:
+        """Tokens, the prefill logits and timings from `MNN.llm.create(config.json)`; with `lora` (a file
+        of the directory, `lora.mnn`), from the adapter's model the engine loads over that base."""
         import subprocess
 
         args = [str(python_of("mnn")), str(WORKER), "generate", str(self.dir / "config.json"),
-                ",".join(map(str, prompt)), str(max_new_tokens), ",".join(map(str, sorted(eos or ())))]
+                ",".join(map(str, prompt)), str(max_new_tokens), ",".join(map(str, sorted(eos or ()))), lora or ""]
         done = subprocess.run(args, capture_output=True, text=True)
         lines = done.stdout.strip().splitlines()
         if done.returncode or not lines:

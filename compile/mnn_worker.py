@@ -73,11 +73,13 @@ def convert(args):
     return 0
 
 
-def generate(config, ids, n, stops=""):
+def generate(config, ids, n, stops="", lora=""):
     """Greedy decoding on MNN's own LLM engine: `forward` takes token ids (the engine embeds them, keeps the
     KV cache) and returns the last position's logits. Prints one JSON line: tokens, the prefill logits,
     timings. Exits with os._exit: MNN.llm's objects crash the interpreter's teardown (a segfault after
-    the work is done)."""
+    the work is done). `lora`: an adapter's model (relative to the config's directory) run over the loaded
+    base by `Llm::create_lora`, which the binding's C object exposes (its wrapper's `apply_lora` calls a
+    method 3.6.1 does not have)."""
     import os
     import time
 
@@ -86,8 +88,12 @@ def generate(config, ids, n, stops=""):
     import MNN.llm as llm
     import numpy as np
 
-    model = llm.create(config)
+    model = base = llm.create(config)
     model.load()
+    if lora:  # a load failure leaves a null engine that crashes on first use: check the file first
+        if not os.path.isfile(os.path.join(os.path.dirname(config), lora)):
+            raise SystemExit(f"{lora} is not beside {config}")
+        model = llm.Llm(base._c_obj.create_lora(lora))  # `base` stays alive: the adapter runs on its weights
     start = time.perf_counter()
     logits = np.array(model.forward([int(i) for i in ids.split(",")]).read(), dtype=np.float32).reshape(-1)
     first, tokens, steps, stop = logits.tolist(), [], [], {int(i) for i in stops.split(",") if i}
@@ -123,7 +129,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
     elif sys.argv[1] == "generate":
-        generate(*sys.argv[2:6])
+        generate(*sys.argv[2:7])
     elif sys.argv[1] == "encode":
         encode(*sys.argv[2:4])
     else:

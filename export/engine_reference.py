@@ -20,13 +20,18 @@ from surgery.export.source import export_spec_for, load_streaming
 
 
 def prefill_logits(model_dir: Path, ids: list[int], trust_remote_code: bool = False,
-                   bf16_rows: bool = False) -> np.ndarray:
+                   bf16_rows: bool = False, adapter: Path | None = None) -> np.ndarray:
     """Logits [vocab] after `ids`, embedding rows read from the checkpoint as the engine's input; with
     `bf16_rows` rounded to bf16 first, as the engine reads them from `embeddings_bf16.bin`, so that a float
     bundle is measured on its graph and weights, not on the table's storage (a model whose layers add little
-    to the embedding, as MiniCPM's muP residual scale makes them, passes that rounding on to the logits)."""
+    to the embedding, as MiniCPM's muP residual scale makes them, passes that rounding on to the logits).
+    `adapter`: a LoRA adapter merged on top (the reference of an adapter shipped separately)."""
     resident, config = load_streaming(Path(model_dir), ExportOptions(seq_length=len(ids) + 1, dtype="fp32",
                                                                      trust_remote_code=trust_remote_code))
+    if adapter is not None:
+        from surgery.export.lora import MergedIndex, read_adapter
+
+        resident.index = MergedIndex(resident.index, read_adapter(Path(adapter)))
     spec = export_spec_for(config["model_type"])
     graph = EngineGraph(spec, resident.model, config["model_type"]).eval()
     key = resident.aliases.get(f"{spec.embedding}.weight", f"{spec.embedding}.weight")

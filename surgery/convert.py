@@ -54,8 +54,9 @@ class ConvertOptions:
     image_size: tuple[int, int] | None = None  # VL models: the vision graph's image size (None: the pack's)
 
     def compile_options(self) -> CompileOptions:
+        separate = str(self.lora) if self.lora is not None and self.lora_mode == "separate" else None
         return CompileOptions(self.chip, self.quantize, self.q_group_size, self.symmetric, self.num_core,
-                              self.num_device, self.jobs, self.check, self.layout)
+                              self.num_device, self.jobs, self.check, self.layout, separate)
 
 
 # Compiler workers are started while export and optimize run (8 s of start-up each, a sixth of a 0.5B
@@ -89,7 +90,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     def do_apply(dst: Path) -> dict:
         plan = plan_apply(pack, model, ApplyOptions(seq_length=o.seq_length, dtype="fp32"))
         write_plan(plan, dst, force=True)
-        if o.lora is not None:
+        if o.lora is not None and o.lora_mode == "merged":
             attach_lora(dst, o.lora)
         return {"diff": plan.diff(), "patches": [r.as_dict() for r in plan.results]}
 
@@ -134,7 +135,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
             and (o.image_size is not None or k != "image_size")}  # so do text-only ones
     stages = [
         Stage("apply", do_apply, {"model": model_hash, "pack": pack.name, "seq": o.seq_length,
-                                  **({"lora": lora} if lora else {})}),
+                                  **({"lora": lora} if lora else {}),
+                                  **({"lora_mode": o.lora_mode} if lora and o.lora_mode != "merged" else {})}),
         Stage("export", do_export, {"embedding_disk": o.embedding_disk, "tables": table_dtype, "check": o.check,
                                      "graphs": graphs, **({"image_size": list(o.image_size)} if o.image_size else {})}),
         Stage("optimize", do_optimize, {"target": adapter.target(o.chip), "check": o.check,

@@ -46,6 +46,10 @@ def source_summary(model_dir: Path, config: dict, adapter: str, options: Compile
     from surgery.export.checkpoint import describe, open_checkpoint
 
     summary = describe(model_dir, config)
+    if options.lora:  # --lora-mode separate: not in the patched model, shipped beside it
+        from surgery.export.lora import read_adapter
+
+        summary["lora"] = read_adapter(Path(options.lora)).summary() | {"mode": "separate"}
     if summary["quantization"] is None:
         return summary
     index = open_checkpoint(model_dir, config)
@@ -84,6 +88,8 @@ def report_lines(source: dict | None) -> list[str]:
                          f" ({compiler.get('how', '-')}).")
     lora = source.get("lora")
     if lora:
+        how = ("exported beside the base model as lora.mnn (MNN's engine loads it over the base with "
+               "Llm::create_lora)" if lora.get("mode") == "separate" else "merged into the weights")
         lines.append(f"LoRA adapter {lora['adapter']}: r {lora['r']}, lora_alpha {lora['lora_alpha']}, rsLoRA "
-                     f"{'yes' if lora['use_rslora'] else 'no'}, {lora['modules']} Linears, merged into the weights.")
+                     f"{'yes' if lora['use_rslora'] else 'no'}, {lora['modules']} Linears, {how}.")
     return lines + [""]

@@ -135,10 +135,11 @@ def test_adapter_for_another_model_is_refused(base: Path, tmp_path: Path):
         open_checkpoint(model, config)
 
 
-def test_lora_mode_separate_and_missing_files_are_refused(base: Path, tmp_path: Path):
+def test_bad_mode_and_missing_files_are_refused(base: Path, tmp_path: Path):
     adapter = build_lora(base, tmp_path / "adapter")
-    with pytest.raises(SurgeryError, match="--lora-mode separate is not supported yet"):
-        check_lora(adapter, "separate")
+    assert check_lora(adapter, "separate") == check_lora(adapter, "merged")  # the target judges separate
+    with pytest.raises(SurgeryError, match="--lora-mode 'apart': choose merged or separate"):
+        check_lora(adapter, "apart")
     with pytest.raises(SurgeryError, match="must hold adapter_config.json and adapter_model.safetensors"):
         check_lora(tmp_path, "merged")
 

@@ -109,9 +109,10 @@ def convert_cmd(
     q_group_size: Annotated[int | None, typer.Option("--q_group_size", "-g", help="Weight group size; default 64, "
                                                      "or a GPTQ/AWQ checkpoint's own.")] = None,
     lora: Annotated[Path | None, typer.Option("--lora", help="A PEFT LoRA adapter directory, merged into the "
-                                              "weights at export.")] = None,
-    lora_mode: Annotated[str, typer.Option("--lora-mode", help="merged (separate: not supported yet).")
-                         ] = "merged",
+                                              "weights at export (or see --lora-mode).")] = None,
+    lora_mode: Annotated[str, typer.Option("--lora-mode", help="merged (into the weights), or separate: -c mnn "
+                                           "writes lora.mnn, which MNN's engine loads over the base model "
+                                           "(Llm::create_lora).")] = "merged",
     chip: Annotated[str, typer.Option("--chip", "-c", help="The chip; see `surgery chips`.")] = "bm1684x",
     num_device: Annotated[int, typer.Option("--num_device", help="Devices.")] = 1,
     num_core: Annotated[int, typer.Option("--num_core", help="Cores (bm1688: 2).")] = 1,
