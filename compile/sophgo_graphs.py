@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,15 @@ def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version:
                     [t.shape for t in graph.inputs], transform, table, flags)
 
 
+_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(path: Path) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(path, threading.Lock())
+
+
 def build(worker: TpuMlirWorker, job: GraphJob, source: Path, work: Path, cache: Path) -> Path:
     """The job's bmodel in `cache` (built by `worker` from the files in `source` unless cached)."""
     cached = cache / f"{job.key}.bmodel"
@@ -125,8 +135,9 @@ def build(worker: TpuMlirWorker, job: GraphJob, source: Path, work: Path, cache:
         table = {**job.table["table"], "file": str(source / job.table["table"]["file"])}
         npz = work / "tables" / f"{job.table['table']['file']}.{job.table['weight_type']}.npz"
         npz.parent.mkdir(parents=True, exist_ok=True)
-        worker.call("table", f"building graph {job.name} from its table", log, workdir=gdir, name=job.name,
-                    npz=npz, **{**job.table, "table": table})
+        with _lock(npz):  # the first of the table's graphs writes its weight file, the others wait and reuse it
+            worker.call("table", f"building graph {job.name} from its table", log, workdir=gdir, name=job.name,
+                        npz=npz, **{**job.table, "table": table})
     else:
         worker.call("transform", f"model_transform of graph {job.name}", log, workdir=gdir, name=job.name,
                     onnx=source / job.graph_file, shapes=job.shapes, extra=job.transform)

@@ -42,10 +42,26 @@ def _lift_parser(module):
     return scope["parser"]
 
 
+def _skip_tokenizer_converters():
+    """TPU-MLIR's ONNX front end imports onnxruntime_extensions for its custom-op decorators, whose package
+    imports its tokenizer converters (`cvt`), which import transformers, torch._dynamo and scikit-learn: 3 of
+    the worker's 5 s of start-up, for code no compile reaches. The converters' module is replaced by one
+    that says so if anything ever calls it."""
+    import types
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("onnxruntime_extensions.cvt is not loaded in surgery's TPU-MLIR worker")
+
+    stub = types.ModuleType("onnxruntime_extensions.cvt")
+    stub.gen_processing_models = unavailable
+    sys.modules.setdefault("onnxruntime_extensions.cvt", stub)
+
+
 class Tools:
     """TPU-MLIR's modules, imported once, with the lean ONNX loader installed."""
 
     def __init__(self):
+        _skip_tokenizer_converters()
         import tpu_mlir
 
         tools = os.path.join(os.path.dirname(tpu_mlir.__file__), "python", "tools")
@@ -60,6 +76,14 @@ class Tools:
         self.deploy_parser = _lift_parser(model_deploy)
         OnnxConverter.OnnxConverter.load_onnx_model = lean_load_onnx_model
         self.models = {}  # the simulator's one loaded bmodel: {path: (model, nets)}
+        import mlir.dialects.top  # noqa: F401  (what the ops import lazily, before the freeze below)
+        import pyruntime_bm  # noqa: F401
+        from tpu_mlir.python.transform import MLIRImporter  # noqa: F401
+
+        # the collection after each job (job()) would walk the ~470k objects of these imports every time:
+        # 0.3-0.5 s a job, 13 s of a 0.5B conversion's 25 s compile stage. Frozen, it walks only the job's own.
+        gc.collect()
+        gc.freeze()
 
 
 def _external_array(tensor, base):
@@ -163,60 +187,6 @@ def op_transform(tools, r):
     del tool
 
 
-def _table_npz(r):
-    """The shared weight file of a table, written once: BF16/F16 bit patterns or float32."""
-    import numpy as np
-
-    if os.path.exists(r["npz"]):
-        return
-    t = r["table"]
-    stored = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[t["dtype"]]
-    rows = np.memmap(t["file"], dtype=stored, mode="r", offset=t.get("offset", 0), shape=tuple(t["shape"]))
-    out = np.empty(rows.shape, np.uint16 if r["weight_type"] in ("BF16", "F16") else np.float32)
-    for start in range(0, rows.shape[0], 8192):
-        chunk = np.asarray(rows[start:start + 8192])
-        if t["dtype"] == "bfloat16":
-            chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
-        chunk = chunk.astype(np.float32)
-        if r["weight_type"] == "BF16":  # round to nearest even, as torch does
-            bits = chunk.view(np.uint32)
-            chunk = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        elif r["weight_type"] == "F16":
-            chunk = chunk.astype(np.float16).view(np.uint16)
-        out[start:start + len(chunk)] = chunk
-    tmp = f"{r['npz']}.{os.getpid()}.tmp.npz"  # two workers may build the same table at once
-    np.savez(tmp, table=out)
-    os.replace(tmp, r["npz"])
-
-
-def op_table(tools, r):
-    import mlir.dialects.top as top
-    from mlir.ir import Location
-    from tpu_mlir.python.transform.MLIRImporter import MLIRImporter, Platform
-
-    _table_npz(r)
-    vocab, hidden = r["table"]["shape"]
-    types = ["INT32"] if r["kind"] == "gather" else ["F32"]
-    mi = MLIRImporter([r["in_shape"]], [r["out_shape"]], r["name"], Platform.LLM, input_types=types,
-                      weight_file=r["npz"])
-
-    def loc(name):
-        return Location.fused([Location.name(name)], context=mi.ctx)
-
-    x = mi.create_input_op(loc(r["input"]), 0)
-    weight = mi.create_weight_op("table", [vocab, hidden], r["weight_type"])
-    if r["kind"] == "gather":
-        y = top.GatherOp(mi.get_tensor_type(r["out_shape"]), weight, x, axis=0, loc=loc(r["output"]),
-                         ip=mi.insert_point).output
-    else:
-        y = top.MatMulOp(mi.get_tensor_type([vocab, 1]), weight, x, mi.none_op, do_relu=False, right_transpose=True,
-                         loc=loc(r["output"] + "_matmul"), ip=mi.insert_point).output
-        y = top.ReshapeOp(mi.get_tensor_type(r["out_shape"]), y, loc=loc(r["output"]), ip=mi.insert_point).output
-    mi.create_return_op([y])
-    with open(f"{r['name']}.mlir", "w") as fh:
-        fh.write(mi.print_module())
-
-
 def op_deploy(tools, r):
     args = tools.deploy_parser.parse_args(r["args"])
     tool = tools.deploy_mod.DeployTool(args)
@@ -271,13 +241,19 @@ def op_generate(tools, r):
         json.dump(result, fh)
 
 
+def op_table(tools, r):
+    from tpumlir_tables import op_table as build
+
+    build(tools, r)
+
+
 OPS = {"transform": op_transform, "table": op_table, "deploy": op_deploy, "simulate": op_simulate,
        "generate": op_generate}
 
 
 def main():
     global CHANNEL
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bmodel_driver.py beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bmodel_driver.py, tpumlir_tables.py
     CHANNEL = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints go to stderr, never into our answers
     tools = Tools()

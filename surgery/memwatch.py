@@ -43,9 +43,11 @@ def tree_rss(root: int) -> tuple[float, float]:
 
 
 class PeakWatch:
-    """Samples the tree under `pid` (default: this process) every `interval` seconds while active."""
+    """Samples the tree under `pid` (default: this process) every `interval` seconds while active. A sample
+    reads every process's /proc entry (this kernel has no /proc/PID/task/TID/children): a few ms, so not more
+    often than a peak of interest lasts (loading a table: seconds)."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.1) -> None:
+    def __init__(self, pid: int | None = None, interval: float = 0.25) -> None:
         self.pid, self.interval = pid or os.getpid(), interval
         self.process_mb = self.tree_mb = 0.0
         self._stop = threading.Event()

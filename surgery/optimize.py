@@ -166,15 +166,20 @@ def optimize_dir(directory: Path, target: str, passes: list[str] | None = None, 
         manifest.require_numpy_dtype("the parity check of surgery optimize (use --no-check)")
     checked = {g.name for g in sampled(manifest, level)}
     reports = []
-    for graph in manifest.graphs:
-        progress(graph.name)
-        path = directory / graph.file
-        report, new = optimize_graph(path, names, graph, manifest.vocab_size, graph.name in checked,
-                                     owned if keep else None)
-        reports.append(report)
-        if new is not None:
-            journal.commit(directory, manifest, {graph.name: new})
-        gc.collect()  # passes copy graphs several times; give the memory back before the next one
+    gc.collect()
+    gc.freeze()  # what is alive now (torch's, transformers' objects) is not walked by the collections below
+    try:
+        for graph in manifest.graphs:
+            progress(graph.name)
+            path = directory / graph.file
+            report, new = optimize_graph(path, names, graph, manifest.vocab_size, graph.name in checked,
+                                         owned if keep else None)
+            reports.append(report)
+            if new is not None:
+                journal.commit(directory, manifest, {graph.name: new})
+            gc.collect()  # passes copy graphs several times; give the memory back before the next one
+    finally:
+        gc.unfreeze()
     moved = None
     if TARGETS[target].get("final_norm") == "last_block":
         moved = move_final_norm(directory, manifest, level != "none", owned if keep else None)
