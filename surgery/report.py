@@ -9,6 +9,7 @@ from pathlib import Path
 
 from surgery.fsutil import atomic_write_text
 from surgery.manifest import Manifest
+from surgery.report_vision import vision_html, vision_markdown
 from surgery.source_quant import report_lines
 
 STAGES = [("export", "torch -> ONNX"), ("optimize", "ONNX -> optimized"), ("compile", "optimized -> compiled")]
@@ -110,6 +111,7 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
            "| graph | " + " | ".join(label for _, label in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
     md += [f"| {g} | " + " | ".join(f"{row[s]:.7f}" if s in row else "-" for s, _ in STAGES) + " |"
            for g, row in table.items()]
+    md += ["", *vision_markdown(export, table, STAGES, out.name)]  # VL models: the tower and its preprocessing
     md += ["", "## Sizes", "", "| file | bytes |", "|---|---|"] + [f"| {p.name} | {_size(p):,} |" for p in files]
     md += ["", "## Block contract", "", "| graph | inputs | outputs |", "|---|---|---|"]
     md += [f"| {g.name} | " + ", ".join(f"{t.name} {t.shape} {t.dtype}" for t in g.inputs) + " | "
@@ -144,6 +146,7 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
         "<h2>Similarity at every stage</h2><p>Per graph, the worst output's 1 - cosine against the stage before "
         "(lower is better; hover a bar for the value).</p>" + chart(table),
         f"<table><tr><th>graph</th>{similarity_head}</tr>{similarity_rows}</table>",
+        vision_html(export, table, STAGES),
         "<h2>Time and memory per stage</h2>" + rows(stage_head, stage_rows),
         "<h2>Sizes</h2>" + rows(["file", "bytes"], [[p.name, f"{_size(p):,}"] for p in files]),
         "<h2>Block contract</h2>" + contract,
