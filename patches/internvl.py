@@ -1,16 +1,18 @@
-"""InternVL chat remote code (`model_type: internvl_chat`: InternVL2 / 2.5 / 3 as OpenGVLab ships them with
-`modeling_internvl_chat.py` + `modeling_intern_vit.py`), with a Qwen2 or Llama language model.
+"""InternVL chat remote code (`model_type: internvl_chat`: InternVL2 / 2.5 / 3 / 3.5 as OpenGVLab ships them with
+`modeling_internvl_chat.py` + `modeling_intern_vit.py`), with a Qwen2, Qwen3 or Llama language model.
 
 The language model is transformers' own class, which the chat model imports by name: the pack copies the
-installed `modeling_qwen2.py` / `modeling_llama.py` beside the remote code, runs the native patches on them
-(history K/V in, this step's K/V out, the mask as given), and points the chat model's import at those copies.
+installed `modeling_qwen2.py` / `modeling_qwen3.py` / `modeling_llama.py` beside the remote code, runs the
+native patches on them (history K/V in, this step's K/V out, the mask as given), and points the chat model's
+import at those copies.
 The vision tower needs no rewrite for export (its eager attention is already traceable) once flash attention
 is off; the export wraps tower + pixel shuffle + projector into one `vision` graph (export/internvl_spec.py).
 Two load-only patches make the upstream files load on transformers 5: timm's DropPath (the identity at
 inference) gets a fallback, and the chat model calls `post_init()`, which transformers 5 needs to finish loading.
 
 InternLM2-based InternVL (InternVL2-2B/8B/26B, InternVL2.5-2B/8B/26B, `modeling_internlm2.py` shipped beside
-it) is refused in one line: its language model lives under other names and needs the internlm2 pack's rules.
+it) is refused in one line: its language model lives under other names and needs the internlm2 pack's rules;
+so are the MoE and GPT-OSS language models of some InternVL3.5 sizes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .load_rules import CallLastInMethod
 from .native_rules import native_patches
 
 TIMM = ("timm.models.layers", "timm.layers")  # DropPath's home before and after timm 0.9
-LANGUAGE_MODELS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+LANGUAGE_MODELS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 DROP_PATH = '''
 class DropPath(torch.nn.Identity):
     """timm's stochastic depth: the identity outside training, which is all loading and export run."""
@@ -61,7 +63,8 @@ def check_config(config: Mapping[str, object]) -> None:
     arch = ((config.get("llm_config") or {}).get("architectures") or ["?"])[0]
     if arch not in LANGUAGE_MODELS:
         raise SurgeryError(f"this InternVL's language model is {arch}; the internvl pack handles "
-                           f"{' and '.join(LANGUAGE_MODELS)} (InternVL3 1B-78B except 9B, InternVL2.5-1B/4B/38B/78B)")
+                           f"{', '.join(LANGUAGE_MODELS)} (InternVL3 1B-78B except 9B, InternVL2.5-1B/4B/38B/78B, "
+                           "dense InternVL3.5)")
 
 
 def config_edits(opts: ApplyOptions) -> dict[str, object]:
@@ -71,8 +74,8 @@ def config_edits(opts: ApplyOptions) -> dict[str, object]:
 PACK = Pack(
     name="internvl",
     version="1.0.0",
-    summary="InternVL2/2.5/3 chat remote code with a Qwen2 or Llama LLM: vision graph (InternViT + pixel "
-            "shuffle + mlp1) + decoder fed image embeddings",
+    summary="InternVL2/2.5/3/3.5 chat remote code with a Qwen2, Qwen3 or Llama LLM: vision graph (InternViT + "
+            "pixel shuffle + mlp1) + decoder fed image embeddings",
     model_types=("internvl_chat",),
     architectures=("InternVLChatModel",),
     files={"modeling_intern_vit.py": VIT_PATCHES, "modeling_internvl_chat.py": CHAT_PATCHES,

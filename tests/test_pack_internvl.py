@@ -208,3 +208,22 @@ def test_tokenizer_without_image_tokens_is_one_line(ivl, tmp_path):
     with pytest.raises(SurgeryError, match="define no </img>, <IMG_CONTEXT> token") as err:
         token_ids(tmp_path, TOKENS)
     assert "\n" not in str(err.value)
+
+
+def test_qwen3_language_model_as_internvl3_5(tmp_path):
+    """InternVL3.5's remote code builds a Qwen3 language model (q/k norms, head_dim 32 != hidden / heads): the
+    pack's patched modeling_qwen3 copy exports, and image-conditioned tokens equal the model's generate()."""
+    from surgery.fixtures.internvl import build
+
+    pack = get_pack("internvl")
+    src = build(tmp_path / "src", seed=1, llm="qwen3")
+    write_plan(plan_apply(pack, src, ApplyOptions(seq_length=SEQ, dtype="fp32")), tmp_path / "patched")
+    export_model(tmp_path / "patched", tmp_path / "onnx", ExportOptions(seq_length=SEQ, trust_remote_code=True))
+    model = OnnxModel(tmp_path / "onnx")
+    assert model.manifest.head_dim == 32
+    ids = image_prompt(load_tokenizer(tmp_path / "onnx"), "Describe the dog", chat=False, vision=model.manifest.vision)
+    photo = tmp_path / "photo.png"
+    _image(5, (112, 112)).save(photo)
+    got = model.generate(ids, NEW, media=prepare(model.run, ids, load_image(photo), model.manifest.vision)).tokens
+    want = _generate(original_model(pack, src, tmp_path), _reference_pixels(photo, 112), ids)
+    assert len(set(want)) >= 6 and got == want
