@@ -131,6 +131,47 @@ def test_workaround_opset18_reducemean_reproduced_and_avoided(tmp_path: Path):
     assert after.returncode == 0, after.stdout[-2000:]
 
 
+@needs_tpu_mlir
+def test_workaround_argmax_vocabulary_reproduced_and_avoided(tmp_path: Path):
+    """TPU-MLIR cannot generate an ArgMax over a 32001 vocabulary (MiniCPM-2B's 122753 likewise); the
+    argmax_pad pass makes the greedy head build, and on the simulator it still picks the first largest."""
+    import numpy as np
+
+    from surgery.compile.tpumlir import TpuMlirWorker
+    from surgery.passes.testing import export
+
+    class Greedy(torch.nn.Module):
+        def forward(self, logits: torch.Tensor) -> torch.Tensor:
+            return torch.argmax(logits, dim=-1, keepdim=True)
+
+    vocab = 32001
+    model = export(Greedy(), torch.zeros(1, vocab), names=["m_logits"])
+    worker = TpuMlirWorker()
+    try:
+        def build(m: onnx.ModelProto, name: str) -> Path:
+            gdir = tmp_path / name
+            gdir.mkdir()
+            onnx.save(m, gdir / f"{name}.onnx")
+            worker.call("transform", "transform", gdir / "log", workdir=gdir, name=name, onnx=gdir / f"{name}.onnx",
+                        shapes=[[1, vocab]], extra=[])
+            worker.call("deploy", "deploy", gdir / "log", workdir=gdir, args=[
+                "--mlir", str(gdir / f"{name}.mlir"), "--quantize", "F32", "--chip", "bm1684x",
+                "--model", str(gdir / f"{name}.bmodel")])
+            return gdir / f"{name}.bmodel"
+
+        with pytest.raises(SurgeryError, match="deploy failed"):
+            build(model, "plain")
+        bmodel = build(run_pass(model, PASSES["argmax_pad"])[0], "padded")
+        logits = np.random.default_rng(0).standard_normal((1, vocab)).astype(np.float32)
+        logits[0, [7, vocab - 1]] = 50.0  # a tie: the first wins
+        np.savez(tmp_path / "in.npz", m_logits=logits)
+        worker.call("simulate", "simulate", tmp_path / "sim.log", bmodel=bmodel, net="padded",
+                    inputs=tmp_path / "in.npz", outputs=tmp_path / "out.npz")
+        assert np.load(tmp_path / "out.npz")[np.load(tmp_path / "out.npz").files[0]].item() == 7
+    finally:
+        worker.close()
+
+
 def test_a_relative_cache_path_is_made_absolute(monkeypatch: pytest.MonkeyPatch):
     """model_tool --combine runs in the output directory: a relative SURGERY_CACHE must not reach it as is."""
     from surgery.compile.sophgo import cache_dir

@@ -22,6 +22,10 @@ WORKAROUNDS = [
     Workaround("tpu-mlir-opset18-reducemean", "tpu-mlir", "1.30.2 (measured); no fixed version known",
                'model_transform fails: "Unsupport opset for ReduceMean" on opset >= 18 graphs',
                "opset17", "tests/test_compile_sophgo.py::test_workaround_opset18_reducemean_reproduced_and_avoided"),
+    Workaround("tpu-mlir-argmax-length", "tpu-mlir", "1.30.2 (measured)",
+               "model_deploy fails in codegen (nodechip_arg_parallel.c mem_check) for an ArgMax over some "
+               "vocabulary sizes (32001, MiniCPM-2B's 122753)", "argmax_pad",
+               "tests/test_compile_sophgo.py::test_workaround_argmax_vocabulary_reproduced_and_avoided"),
     Workaround("half-precision-mask-overflow", "any fp16/bf16 backend (TPU-MLIR F16/BF16, MNN fp16)", "all",
                "NaN or garbage tokens: finfo(float32).min mask constants overflow half precision",
                "mask_constant", "surgery/passes/mask_constant_test.py"),
