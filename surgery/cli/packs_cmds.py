@@ -118,8 +118,9 @@ def list_cmd(as_json: Json = False) -> None:
 def fixture_cmd(
     kind: Annotated[str, typer.Argument(help="Family: qwen, chatglm, internlm2, minicpm, baichuan (remote "
                                              "code), llama, qwen2, qwen3, mistral, phi3; qwen2-gptq, "
-                                             "qwen2-gptq-actorder, qwen2-awq (quantized checkpoints), qwen2-lora "
-                                             "(a PEFT adapter for the qwen2 fixture); qwen2_vl, "
+                                             "qwen2-gptq-actorder, qwen2-gptq-actorder-calibrated, qwen2-awq "
+                                             "(quantized checkpoints), qwen2-lora (a PEFT adapter for the qwen2 "
+                                             "fixture); qwen2_vl, "
                                              "qwen2_5_vl, internvl (vision-language).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
