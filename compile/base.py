@@ -100,6 +100,12 @@ class Adapter:
     def prewarm(self, options: CompileOptions) -> None:
         """Start what `compile` will need (compiler processes) while earlier stages run; default: nothing."""
 
+    def build_ahead(self, options: CompileOptions, work: Path) -> object | None:
+        """Something with `offer(export_dir, graph)` that starts building graphs export has finished, before
+        optimize and compile run (their scratch in `work`); `compile(..., ahead=)` then takes it. Default:
+        None (everything is built by `compile`)."""
+        return None
+
     def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor: object = None) -> Manifest:
         """Compile `onnx_dir` into `out`; `executor` spreads graph builds elsewhere (compile/executors.py),
         for adapters that can."""

@@ -23,6 +23,7 @@ import numpy as np
 from surgery.checks import DELTA, check_graph, sampled
 from surgery.compile.base import Adapter, CompileOptions, copy_host_files, finish, prepare
 from surgery.compile.logged import run_logged
+from surgery.compile.sophgo_ahead import BuildAhead
 from surgery.compile.sophgo_graphs import QUANTS, float_mode, plan_job
 from surgery.compile.toolchains import bin_env, home, installed
 from surgery.compile.tpumlir import TpuMlirWorker, WorkerPool
@@ -78,7 +79,15 @@ class SophgoAdapter(Adapter):
 
         prewarm(options.jobs)
 
-    def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor=None) -> Manifest:
+    def build_ahead(self, options: CompileOptions, work: Path) -> BuildAhead:
+        from surgery.passes.pipelines import TARGETS
+
+        norm_moves = TARGETS[self.target(options.chip)].get("final_norm") == "last_block"
+        return BuildAhead(options, Path(work).absolute(), cache_dir(), norm_moves)
+
+    def compile(self, onnx_dir: Path, out: Path, options: CompileOptions, executor=None,
+                ahead: BuildAhead | None = None) -> Manifest:
+        """`ahead`: the table builds convert started during export, and the worker pool they run on."""
         from surgery.compile.executors import LocalExecutor
 
         onnx_dir, out, manifest, owned = prepare(self, onnx_dir, out, options)
@@ -87,10 +96,17 @@ class SophgoAdapter(Adapter):
         owned.add("work/", name)
         work = out / "work"
         jobs = [plan_job(onnx_dir, g, options, version) for g in manifest.graphs]
-        with WorkerPool(options.jobs) as pool:
+        early = {j.key for j in ahead.started(jobs)} if ahead else set()
+        with ahead.pool if ahead else WorkerPool(options.jobs) as pool:
             kinds = {g.name: g.kind for g in manifest.graphs}
             local = LocalExecutor(pool, cost=lambda job: BUILD_COST.get(kinds[job.name], 1), exclusive=big_table)
-            built = (executor or local).build(jobs, onnx_dir, work, cache_dir())
+            rest = [j for j in jobs if j.key not in early]
+            paths = dict(zip((j.key for j in rest), (executor or local).build(rest, onnx_dir, work, cache_dir()),
+                             strict=True))
+            for job in jobs:  # started ahead: built by now, or being built; one that failed is built here
+                if job.key in early:
+                    paths[job.key] = ahead.wait(job) or local.build([job], onnx_dir, work, cache_dir())[0]
+            built = [paths[j.key] for j in jobs]
             combined, tmp = out / name, out / f".{name}.tmp"
             run_logged(["model_tool", "--combine", *map(str, built), "-o", str(tmp)], work / "combine.log",
                        "model_tool --combine", cwd=out, env=bin_env("sophgo"))
@@ -103,24 +119,27 @@ class SophgoAdapter(Adapter):
                 adapter=self.name, chip=options.chip, options=vars(options), toolchain={"tpu_mlir": version},
                 files=[name], check=options.check,
                 details={"routes": {j.name: {"route": j.route, "deploy": j.deploy, "cache_key": j.key} for j in jobs},
-                         "build_seconds": built_seconds(work, jobs)})
+                         "build_seconds": built_seconds([work, *([ahead.work] if ahead else [])], jobs)})
             compiled.write(out)
             rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
                             sampled(manifest, options.check, costly=True), manifest.vocab_size, work,
                             compiled.compiled.details.setdefault("simulate_seconds", {}),
                             heavy={j.name for j in jobs if big_table(j)})
         shutil.rmtree(work / "tables", ignore_errors=True)  # compiler intermediates: GBs at 7B
+        if ahead:
+            shutil.rmtree(ahead.work, ignore_errors=True)
         for scratch in work.glob("*/*weight*.npz"):
             scratch.unlink(missing_ok=True)
         floors = {"hidden_states": MIN_COSINE[options.quantize], DELTA: MIN_DELTA[options.quantize]}
         return finish(out, compiled, rows, floors, 0.0, f"{options.chip} on the simulator")
 
 
-def built_seconds(work: Path, jobs: list) -> dict[str, dict[str, float]]:
+def built_seconds(works: list[Path], jobs: list) -> dict[str, dict[str, float]]:
     """{graph: {"transform": s, "deploy": s}} for the graphs this machine built in this run (not cached ones,
     nor those a Ray cluster built): what a graph of each kind costs at this size (bench/scale.py)."""
-    timings = {j.name: work / j.name / "seconds.json" for j in jobs}
-    return {name: json.loads(path.read_text()) for name, path in timings.items() if path.is_file()}
+    timings = {j.name: [w / j.name / "seconds.json" for w in works] for j in jobs}
+    return {name: json.loads(path.read_text()) for name, paths in timings.items() for path in paths
+            if path.is_file()}
 
 
 def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs: list[GraphSpec], vocab: int,

@@ -56,17 +56,20 @@ def deploy_flags(graph: GraphSpec, o: CompileOptions) -> list[str]:
     return flags
 
 
-def table_request(onnx_dir: Path, graph: GraphSpec, weight_type: str) -> dict | None:
-    """How to build `graph` straight from its table, or None when it is more than a table lookup/product."""
+def table_request(onnx_dir: Path, graph: GraphSpec, weight_type: str, norm_moves: bool = False) -> dict | None:
+    """How to build `graph` straight from its table, or None when it is more than a table lookup/product.
+    `norm_moves`: judge a head as `surgery optimize` will leave it once the final norm has moved into the last
+    block (passes/final_norm.py), so its build can start while the blocks are still being exported."""
     if not graph.data_file or graph.kind not in ("embedding", "embedding_cache", "lm_head"):
         return None
     model = load_structure(onnx_dir / graph.file)
     table = next((t for t in model.graph.initializer if len(t.dims) == 2), None)
     # a table stored in bf16 for an fp32 graph is read through one Cast, which the chip's float type makes moot
     nodes = [n for n in model.graph.node if not (n.op_type == "Cast" and len(model.graph.node) == 2)]
-    if table is None or len(nodes) != 1:
+    product = table_product(model) if norm_moves and graph.kind == "lm_head" else None
+    if table is None or (len(nodes) != 1 and product is None):
         return None
-    node = nodes[0]
+    node = product or nodes[0]
     if node.op_type == "Gather" and node.input[0] == table.name and not any(a.i for a in node.attribute):
         kind = "gather"
     elif node.op_type == "Gemm" and table_product(model) is node:
@@ -96,15 +99,19 @@ class GraphJob:
     deploy: list[str] = field(default_factory=list)
 
 
-def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version: str) -> GraphJob:
+def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version: str,
+             norm_moves: bool = False) -> GraphJob:
     flags = deploy_flags(graph, options)
-    table = table_request(onnx_dir, graph, float_mode(options.quantize))
+    table = table_request(onnx_dir, graph, float_mode(options.quantize), norm_moves)
     if table:
         inputs = {table["table"]["file"]: graph.data_sha256 or ""}
     else:
         inputs = {graph.file: graph.sha256, **({graph.data_file: graph.data_sha256 or ""} if graph.data_file else {})}
-    parts = [sorted(inputs.items()), [vars(t) for t in graph.inputs], flags, version, graph.kind,
-             table and {k: v for k, v in table.items() if k != "table"}, table and table["table"]]
+    # a table build reads nothing of the graph but the request (its input types are fixed): the key leaves
+    # the graph's input dtypes out, so a build started from the export (compile/sophgo_ahead.py) is the one
+    # the optimized graph asks for
+    parts = [sorted(inputs.items()), flags, version, graph.kind, table] if table else \
+        [sorted(inputs.items()), [vars(t) for t in graph.inputs], flags, version, graph.kind, None, None]
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     # the runtime passes as many seen ids as it keeps (LLM-TPU's Qwen3 demo: the repetition window)
     transform = ["--dynamic_shape_input_names", "input_ids"] if graph.kind == "sample_head" else []

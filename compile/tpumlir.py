@@ -83,17 +83,28 @@ class WorkerPool:
         self.jobs = max(1, jobs)
         self.free: queue.Queue[TpuMlirWorker] = queue.Queue()
         self.started: list[TpuMlirWorker] = []
+        self.lock = threading.Lock()  # `map` may run in several threads at once (compile/sophgo_ahead.py)
 
     def _take(self) -> TpuMlirWorker:
         try:
             return self.free.get_nowait()
         except queue.Empty:
-            if len(self.started) < self.jobs:
+            with self.lock:
+                start = len(self.started) < self.jobs
+                if start:
+                    self.started.append(None)  # a slot, filled below
+            if start:
                 try:
                     worker = _WARM.get_nowait()  # one `prewarm` started
                 except queue.Empty:
-                    worker = TpuMlirWorker()
-                self.started.append(worker)
+                    try:
+                        worker = TpuMlirWorker()
+                    except BaseException:
+                        with self.lock:
+                            self.started.remove(None)
+                        raise
+                with self.lock:
+                    self.started[self.started.index(None)] = worker
                 return worker
             return self.free.get()
 
@@ -150,7 +161,8 @@ class WorkerPool:
 
     def close(self) -> None:
         for worker in self.started:
-            worker.close()
+            if worker is not None:
+                worker.close()
 
     def __enter__(self) -> WorkerPool:
         return self

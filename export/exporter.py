@@ -56,8 +56,10 @@ def _tables_for(job: Job, resident: Resident, options: ExportOptions, files: dic
 
 
 def export_model(model_dir: Path, out: Path, options: ExportOptions,
-                 progress: Callable[[str], None] = lambda name: None) -> Manifest:
-    """Export every graph of the block contract; resumes from `.export-state.json`."""
+                 progress: Callable[[str], None] = lambda name: None,
+                 ready: Callable[[Path, GraphSpec], None] | None = None) -> Manifest:
+    """Export every graph of the block contract; resumes from `.export-state.json`. `ready` hears of each
+    graph as soon as its files are final (convert starts compiling vocabulary-table graphs then)."""
     model_dir = Path(model_dir)
     if not 14 <= options.opset <= 20:
         raise SurgeryError(f"--opset {options.opset} is not supported; use 14 to 20 (vendor compilers take 17)")
@@ -121,6 +123,8 @@ def export_model(model_dir: Path, out: Path, options: ExportOptions,
         data_sha = None if data is None else state["tables"].get(data) or done["hashes"].get(data)
         graphs.append(GraphSpec(job.name, path.name, job.kind, inputs, [TensorSpec.of(o) for o in done["outputs"]],
                                 done["hashes"][path.name], job.layer, data_file=data, data_sha256=data_sha))
+        if ready is not None:
+            ready(out, graphs[-1])
     embedding_file = None
     cfg = spec.text(model.config)  # a VL model's language model
     if options.embedding_disk:

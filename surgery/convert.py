@@ -86,6 +86,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     stages_dir = out / "stages"
     table_dtype = adapter.table_dtype(o.compile_options())
     graphs = adapter.compiles_graphs(o.compile_options())  # MNN's engine is built from the patched model
+    ahead = None  # table builds started during export (compile/sophgo_ahead.py), set below
 
     def do_apply(dst: Path) -> dict:
         plan = plan_apply(pack, model, ApplyOptions(seq_length=o.seq_length, dtype="fp32"))
@@ -100,7 +101,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
 
         export_model(stages_dir / "apply", dst, ExportOptions(seq_length=o.seq_length, embedding_disk=o.embedding_disk,
                                                               trust_remote_code=trust, table_dtype=table_dtype,
-                                                              graphs=graphs, image_size=o.image_size))
+                                                              graphs=graphs, image_size=o.image_size),
+                     ready=ahead.offer if ahead else None)
         rows = verify_export(dst, trust_remote_code=trust, level=o.check) if graphs and o.check != "none" else []
         return {"parity": [r.as_dict() for r in rows]}
 
@@ -120,7 +122,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
 
             executor = RayExecutor(o.address, o.jobs)
         try:
-            compiled = adapter.compile(stages_dir / "optimize", dst, o.compile_options(), executor=executor)
+            compiled = adapter.compile(stages_dir / "optimize", dst, o.compile_options(), executor=executor,
+                                       **({"ahead": ahead} if ahead else {}))
         finally:
             if executor is not None:
                 executor.close()
@@ -145,6 +148,7 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     ]
     if o.executor == "local" and table_bytes(config) < PREWARM_BELOW:
         adapter.prewarm(o.compile_options())  # compiler workers start while export and optimize run
+        ahead = adapter.build_ahead(o.compile_options(), stages_dir / "ahead")  # and build the tables meanwhile
     run = run_stages(stages, stages_dir, out / STATE, opts, progress)
     bundle(out, o, pack.name, owned)
     from surgery.report import write_report

@@ -106,3 +106,22 @@ def test_compiler_workers_start_early_only_below_7b_tables():
     assert table_bytes({"vocab_size": 151936, "hidden_size": 4096}) >= PREWARM_BELOW  # Qwen-7B: not
     assert table_bytes({"padded_vocab_size": 65024, "hidden_size": 4096}) == 65024 * 4096 * 2  # ChatGLM's key
     assert table_bytes({}) == 0
+
+
+@pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run `surgery toolchain install "
+                    "sophgo` (make toolchains)")
+def test_table_graphs_are_built_during_export(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The vocabulary-table graphs start building as export finishes them (lm_head judged as optimize will
+    leave it); the compile stage finds exactly those builds: one cache entry per graph, none built twice."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bm"
+    convert(ConvertOptions("qwen2", model, out, seq_length=32, quantize="w8bf16", q_group_size=32, chip="bm1684x",
+                           check="none"))
+    details = json.loads((out / "manifest.json").read_text())["compiled"]["details"]
+    graphs = list(details["routes"])
+    assert len(list((tmp_path / "cache" / "sophgo").glob("*.bmodel"))) == len(graphs)
+    tables = {"embedding", "embedding_cache", "lm_head"}
+    assert {g for g, r in details["routes"].items() if r["route"] == "table"} == tables
+    assert tables <= set(details["build_seconds"])  # built by this run,
+    assert not any((out / "stages" / "compile" / "work" / g / "seconds.json").exists() for g in tables)  # ahead
+    assert not (out / "stages" / "ahead").exists()  # whose scratch is gone
