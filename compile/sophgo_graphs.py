@@ -97,6 +97,7 @@ class GraphJob:
     transform: list[str] = field(default_factory=list)  # extra model_transform arguments
     table: dict | None = None  # table_request(), its "file" one of `inputs` (route table)
     deploy: list[str] = field(default_factory=list)
+    codes: dict | None = None  # {"bits", "group"}: weights on that grid go to the compiler as codes (tpumlir_codes)
 
 
 def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version: str,
@@ -110,13 +111,28 @@ def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version:
     # a table build reads nothing of the graph but the request (its input types are fixed): the key leaves
     # the graph's input dtypes out, so a build started from the export (compile/sophgo_ahead.py) is the one
     # the optimized graph asks for
+    codes = None if table else codes_request(onnx_dir, graph, options)
     parts = [sorted(inputs.items()), flags, version, graph.kind, table] if table else \
-        [sorted(inputs.items()), [vars(t) for t in graph.inputs], flags, version, graph.kind, None, None]
+        [sorted(inputs.items()), [vars(t) for t in graph.inputs], flags, version, graph.kind, None, None,
+         *([codes] if codes else [])]
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     # the runtime passes as many seen ids as it keeps (LLM-TPU's Qwen3 demo: the repetition window)
     transform = ["--dynamic_shape_input_names", "input_ids"] if graph.kind == "sample_head" else []
     return GraphJob(graph.name, key, "table" if table else "onnx", inputs, graph.file,
-                    [t.shape for t in graph.inputs], transform, table, flags)
+                    [t.shape for t in graph.inputs], transform, table, flags, codes)
+
+
+def codes_request(onnx_dir: Path, graph: GraphSpec, o: CompileOptions) -> dict | None:
+    """For a block of a GPTQ/AWQ checkpoint compiled to asymmetric 4/8-bit weights: the weights that lie on
+    the compile's group grid go to the compiler as codes (compile/tpumlir_codes.py), not re-quantized."""
+    from surgery.compile.tpumlir_codes import handover_bits
+
+    bits = handover_bits(o.quantize, o.symmetric)
+    manifest = onnx_dir / "manifest.json"
+    if graph.kind not in ("block", "block_cache") or bits is None or not manifest.is_file():
+        return None
+    source = json.loads(manifest.read_text()).get("source") or {}
+    return {"bits": bits, "group": o.group_size} if (source.get("checkpoint") or {}).get("quantization") else None
 
 
 _LOCKS: dict[Path, threading.Lock] = {}
@@ -148,6 +164,12 @@ def build(worker: TpuMlirWorker, job: GraphJob, source: Path, work: Path, cache:
     else:
         worker.call("transform", f"model_transform of graph {job.name}", log, workdir=gdir, name=job.name,
                     onnx=source / job.graph_file, shapes=job.shapes, extra=job.transform)
+        if job.codes:  # a GPTQ/AWQ checkpoint's weights: its codes, not a second quantization
+            from surgery.compile.tpumlir_codes import hand_over
+
+            handed = hand_over(mlir, job.codes["group"], job.codes["bits"])
+            with open(log, "a") as fh:
+                fh.write(f"surgery: {len(handed)} MatMul weights handed over as codes (top.A16MatMul): {handed}\n")
     transformed = time.monotonic()
     worker.call("deploy", f"model_deploy of graph {job.name}", log, workdir=gdir,
                 args=["--mlir", str(mlir), *job.deploy, "--model", str(bmodel)])

@@ -56,11 +56,29 @@ def source_summary(model_dir: Path, config: dict, adapter: str, options: Compile
     inner = dequantized(index)
     regroup = plan(index)  # act-order: the compiler is handed the columns sorted by group (export/act_order.py)
     index = RegroupedIndex(index, regroup) if regroup else index
+    if adapter == "sophgo" and not kept:
+        kept = on_grid(index, inner.modules, options)
     requantized = [m for m in inner.modules if m not in set(kept)]
-    compiler = measure(index, requantized, adapter, options) if requantized else {
-        "requantizes": False, "how": f"{adapter} stores every quantized Linear with the checkpoint's own codes"}
+    how = f"{adapter} stores every quantized Linear with the checkpoint's own codes"
+    if adapter == "sophgo":
+        how = ("TPU-MLIR is handed every quantized Linear as codes (top.A16MatMul, compile/tpumlir_codes.py)"
+               + ("; under -q w*bf16 its lowering stores each group's scale in bf16" if "bf16" in options.quantize
+                  else ""))
+    compiler = measure(index, requantized, adapter, options) if requantized else {"requantizes": False, "how": how}
     return summary | {"compiler": compiler | {"kept_codes": len(kept), "quantized_linears": len(inner.modules),
                                               "regrouped": len(regroup.columns)}}
+
+
+def on_grid(index, modules: list[str], options: CompileOptions) -> list[str]:
+    """The Linears whose (regrouped) weights lie on the compile's group grid: the ones the Sophgo build hands
+    TPU-MLIR as codes (compile/tpumlir_codes.py decides the same way on the graph's own weights)."""
+    from surgery.compile.tpumlir_codes import grid_codes, handover_bits
+
+    bits = handover_bits(options.quantize, options.symmetric)
+    if bits is None:
+        return []
+    weights = ((m, index.read([f"{m}.weight"])[f"{m}.weight"].float().t().contiguous().numpy()) for m in modules)
+    return [m for m, w in weights if grid_codes(w, options.group_size, bits) is not None]
 
 
 def report_lines(source: dict | None) -> list[str]:

@@ -130,18 +130,25 @@ def test_gptq_and_lora_bundles_run_on_mnn(gptq: Path, tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run `surgery toolchain install "
                     "sophgo` (make toolchains)")
-@pytest.mark.parametrize("act_order", [False, True], ids=["gptq", "gptq-actorder"])
-def test_gptq_blocks_on_the_sophgo_simulator_match_the_dequantized_blocks(act_order: bool, gptq: Path,
-                                                                          tmp_path: Path):
-    """Same group size as the checkpoint: TPU-MLIR's second quantization lands (almost) on the checkpoint's
-    grid, so every block on the simulator stays >= 0.999 cosine of the dequantized block (measured 0.9998).
-    Act-order too: export sorts its input channels by group (export/act_order.py); handed the scattered
-    groups as they were, the worst block was 0.9855."""
-    model = build_quantized(tmp_path / "actorder", QuantSpec(desc_act=True, sym=False)) if act_order else gptq
+@pytest.mark.parametrize("spec", [None, QuantSpec(desc_act=True, sym=False),
+                                  QuantSpec(desc_act=True, sym=False, calibrated=True)],
+                         ids=["gptq", "gptq-actorder", "gptq-actorder-calibrated"])
+def test_gptq_blocks_on_the_sophgo_simulator_match_the_dequantized_blocks(spec: QuantSpec | None, gptq: Path,
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """TPU-MLIR is handed the checkpoint's codes (compile/tpumlir_codes.py), act-order ones sorted by group
+    (export/act_order.py), so every block on the simulator stays >= 0.999 cosine of the dequantized block.
+    Measured before either: round-to-nearest codes re-quantized by the compiler 0.9998, act-order ones handed
+    over scattered 0.9855, GPTQ-calibrated ones (groups short of codes 0 or 15) re-quantized 0.9962."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # built here, so the build logs say what it did
+    model = build_quantized(tmp_path / "m", spec) if spec else gptq
     out = tmp_path / "bm"
     convert(ConvertOptions("auto", model, out, seq_length=32, chip="bm1684x", check="all"))
     result = json.loads((out / "convert.json").read_text())["stages"]["compile"]["result"]
     blocks = [r for r in result["parity"] if r["graph"].startswith("block") and r["output"] == "hidden_states"]
     assert len(blocks) == 4 and min(r["cosine"] for r in blocks) >= 0.999, blocks
     compiler = result["source"]["compiler"]
-    assert compiler["regrouped"] == (14 if act_order else 0) and compiler["min_cosine"] > 0.9999
+    assert compiler["regrouped"] == (14 if spec and spec.desc_act else 0)
+    assert compiler["kept_codes"] == 14 and compiler["requantizes"] is False
+    logs = "".join(p.read_text() for p in (out / "stages" / "compile" / "work").glob("block*/compile.log"))
+    assert logs.count("7 MatMul weights handed over as codes") == 4
