@@ -111,7 +111,7 @@ def write_report(out: Path, results: dict, timings: dict[str, float], options,
            "| graph | " + " | ".join(label for _, label in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
     md += [f"| {g} | " + " | ".join(f"{row[s]:.7f}" if s in row else "-" for s, _ in STAGES) + " |"
            for g, row in table.items()]
-    md += ["", *vision_markdown(export, table, STAGES, out.name)]  # VL models: the tower and its preprocessing
+    md += ["", *vision_markdown(export, table, STAGES, out.name, options.chip)]  # VL: the tower, its preprocessing
     md += ["", "## Sizes", "", "| file | bytes |", "|---|---|"] + [f"| {p.name} | {_size(p):,} |" for p in files]
     md += ["", "## Block contract", "", "| graph | inputs | outputs |", "|---|---|---|"]
     md += [f"| {g.name} | " + ", ".join(f"{t.name} {t.shape} {t.dtype}" for t in g.inputs) + " | "

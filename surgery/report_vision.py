@@ -36,8 +36,9 @@ def vision_facts(manifest: Manifest) -> list[tuple[str, str]]:
 
 
 def vision_markdown(manifest: Manifest, table: dict[str, dict[str, float]], stages: list[tuple[str, str]],
-                    bundle: str) -> list[str]:
-    """Markdown lines of the section (none for a text-only model)."""
+                    bundle: str, chip: str | None = None) -> list[str]:
+    """Markdown lines of the section (none for a text-only model); the `run --image` line only where the
+    chip's output runs on this machine."""
     facts = vision_facts(manifest)
     if not facts:
         return []
@@ -45,9 +46,16 @@ def vision_markdown(manifest: Manifest, table: dict[str, dict[str, float]], stag
     row = table.get(name, {})
     lines = ["## Vision", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in facts), "",
              f"Parity of the `{name}` graph (worst output cosine): "
-             + ", ".join(f"{label} {row[s]:.7f}" if s in row else f"{label} -" for s, label in stages) + ".", "",
-             f"Run it with an image: `surgery run {bundle} --image photo.png --prompt \"Describe the image\"`.", ""]
+             + ", ".join(f"{label} {row[s]:.7f}" if s in row else f"{label} -" for s, label in stages) + ".", ""]
+    if chip is None or _runs_here(chip):
+        lines += [f"Run it with an image: `surgery run {bundle} --image photo.png --prompt \"Describe it\"`.", ""]
     return lines
+
+
+def _runs_here(chip: str) -> bool:
+    from surgery.compile.registry import adapter_for
+
+    return adapter_for(chip).runtime is not None
 
 
 def vision_html(manifest: Manifest, table: dict[str, dict[str, float]], stages: list[tuple[str, str]]) -> str:

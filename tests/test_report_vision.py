@@ -34,5 +34,8 @@ def test_vl_report_has_a_vision_section(vl, tmp_path):  # noqa: F811
     page = (out / "report.html").read_text()
     HTMLParser().feed(page)
     assert "<h2>Vision</h2>" in page and "0.9999996" in page.split("<h2>Vision</h2>")[1]
+    options.chip = "ax650"  # a kit: nothing runs it here, so no `surgery run` line
+    write_report(out, results, {"export": 1.0}, options)
+    assert "## Vision" in (out / "report.md").read_text() and "--image" not in (out / "report.md").read_text()
     text_only = replace(Manifest.read(vl["onnx"]), vision=None)
     assert vision_markdown(text_only, {}, [], "bundle") == []
