@@ -30,3 +30,12 @@ def measure(args: list[str], log: Path | None = None, env: dict | None = None, c
     finally:
         if log:
             out.close()
+
+
+def write_json(path: Path, figures: dict) -> None:
+    """A bench's figures, dated, for bench/readme_tables.py (the README's tables are generated, not typed)."""
+    import datetime
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**figures, "date": datetime.date.today().isoformat()}, indent=1))

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from treerss import Measured, measure
+from treerss import Measured, measure, write_json
 
 from surgery.compile.toolchains import bin_env, installed
 from surgery.fixtures.native import build_native
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--chip", default="bm1684x")
     parser.add_argument("--work", type=Path, default=Path("build/bench-vs-llm-convert"))
     parser.add_argument("--accuracy", action="store_true", help="also prefill through both bmodels on the simulator")
+    parser.add_argument("--json", type=Path, help="Also write the figures here (bench/readme_tables.py reads it).")
     args = parser.parse_args()
     if installed("sophgo") is None or shutil.which("parallel") is None:
         raise SystemExit("needs `surgery toolchain install sophgo` and GNU parallel (apt-get install parallel)")
@@ -108,6 +109,12 @@ def main() -> None:
         r = rows[label]
         print(f"  {label:<22} wall {r[0] / base[0]:.2f}x  tree RSS {r[1] / base[1]:.2f}x  "
               f"bmodel {r[3] / base[3]:.2f}x  device weight {r[4] / base[4]:.2f}x")
+    if args.json:
+        write_json(args.json, {"bench": "vs_llm_convert", "shape": args.shape, "layers": args.layers,
+                               "seq": args.seq_length, "quantize": args.quantize, "group": args.group,
+                               "chip": args.chip, "base": "llm_convert",
+                               "rows": {label: dict(zip(("wall", "tree_mb", "proc_mb", "bytes", "device_weight"), r,
+                                                        strict=True)) for label, r in rows.items()}})
     if args.accuracy:
         from accuracy_sophgo import compare_prefill
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from treerss import measure
+from treerss import measure, write_json
 
 from surgery.fixtures.native import build_native
 from surgery.fixtures.shapes import build_shaped
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("build/bench-llmexport"))
+    parser.add_argument("--json", type=Path, help="Also write the figures here (bench/readme_tables.py reads it).")
     args = parser.parse_args()
     root = args.work.absolute()
     env = root / "env"
@@ -103,6 +104,11 @@ def main() -> None:
         m, nbytes, _ = rows[label]
         print(f"  {label:<22} wall {m.seconds / base[0].seconds:.2f}x  tree RSS "
               f"{m.peak_tree_mb / base[0].peak_tree_mb:.2f}x  size {nbytes / base[1]:.2f}x")
+    if args.json:
+        write_json(args.json, {"bench": "vs_llmexport", "shape": args.shape, "layers": args.layers,
+                               "seq": args.seq_length, "bits": args.bits, "block": args.block, "base": "llmexport",
+                               "rows": {label: {"wall": m.seconds, "tree_mb": m.peak_tree_mb, "bytes": nbytes}
+                                        for label, (m, nbytes, _) in rows.items()}})
     if args.shape == "tiny":
         import torch
         from transformers import AutoModelForCausalLM
