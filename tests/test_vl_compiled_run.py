@@ -104,6 +104,20 @@ def ivl(tmp_path_factory) -> dict:
     return {"onnx": root / "onnx", "photo": root / "photo.png"}
 
 
+def test_mnn_361_engine_position_rule_changes_the_tokens(vl, reference):  # noqa: F811
+    """The refusal's reason on the fixture itself: fed decode positions as MNN 3.6.1's engine feeds them (slot p
+    in all three rows, no image delta), the same graphs leave the model's tokens at the second step."""
+    from dataclasses import replace
+
+    model = OnnxModel(vl["onnx"])
+    vision = model.manifest.vision
+    media = prepare(model.run, reference["ids"], load_image(reference["photo"]), vision)
+    assert media.delta == max(2, 3) - 2 * 3 == -3  # a 2 x 3 merged grid: 6 tokens spanning 3 positions
+    engine = model.generate(reference["ids"], NEW, media=replace(media, delta=0)).tokens
+    assert engine[0] == reference["tokens"][0]  # the prefill's positions agree (columns >= rows here)
+    assert engine[1:] != reference["tokens"][1:]
+
+
 def _internvl_case(ivl, tmp_path, adapter, options: CompileOptions,
                    bundle: str) -> tuple[list[int], list[int]]:
     """InternVL (1-D positions, NCHW tile) through a compiled bundle: the same host path, no mrope."""
