@@ -37,6 +37,8 @@ Header = Callable[[int, list[int], list[int], list[int]], str]  # kind, special,
 SENTENCEPIECE = 0
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE = 2  # TrainerSpec.ModelType
+CHATGLM_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 
 def load_model(path: Path):
@@ -55,14 +57,33 @@ def load_model(path: Path):
     return model
 
 
-def added_tokens(directory: Path) -> dict[int, str]:
-    """Tokens the Hugging Face tokenizer adds beyond the model (`added_tokens_decoder` in tokenizer_config.json,
-    e.g. ChatGLM3's <|user|>), by id."""
+def _config(directory: Path) -> dict:
     path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    decoder = json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-    return {int(i): t["content"] for i, t in decoder.items() if isinstance(t, dict) and t.get("content")}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def added_tokens(directory: Path, n_pieces: int) -> dict[int, str]:
+    """Tokens the Hugging Face tokenizer has beside the model's pieces, by id: `added_tokens_decoder` of
+    tokenizer_config.json, and ChatGLM2/3's, which its tokenization_chatglm.py numbers right after the pieces
+    in code (the last four only in ChatGLM3, whose tokenizer_config.json names them)."""
+    config = _config(directory)
+    decoder = config.get("added_tokens_decoder") or {}
+    added = {int(i): t["content"] for i, t in decoder.items() if isinstance(t, dict) and t.get("content")}
+    if config.get("tokenizer_class") == "ChatGLMTokenizer":
+        glm3 = "<|user|>" in json.dumps(config)
+        names = [*CHATGLM_SPECIAL, *(CHATGLM3_ROLES if glm3 else ())]
+        added |= {n_pieces + i: name for i, name in enumerate(names) if n_pieces + i not in added}
+    return added
+
+
+def chatglm_prefix(directory: Path, added: dict[int, str]) -> list[int]:
+    """[gMASK] sop, which ChatGLM2/3's tokenizer puts in front of every prompt (`get_prefix_tokens`), unless its
+    chat template already spells them (the engine puts the prefix in front of the templated prompt)."""
+    config = _config(directory)
+    if config.get("tokenizer_class") != "ChatGLMTokenizer" or "[gMASK]" in (config.get("chat_template") or ""):
+        return []
+    ids = {t: i for i, t in added.items()}
+    return [ids["[gMASK]"], ids["sop"]]
 
 
 def extra_special_ids(directory: Path) -> list[int]:
@@ -84,13 +105,15 @@ def sentencepiece_text(directory: Path, stop_ids: list[int], prefix_ids: list[in
         raise SurgeryError(f"{path} is a {kind} SentencePiece model; MNN's engine encodes type-0 tokenizers "
                            "with BPE merges only, so it would tokenize this model wrongly")
     rows = [(p.piece, p.score, p.type or NORMAL) for p in model.pieces]
-    extra = {i: t for i, t in added_tokens(directory).items() if i >= len(rows)}
+    added = added_tokens(directory, len(rows))
+    prefix_ids = prefix_ids or chatglm_prefix(directory, added)
+    extra = {i: t for i, t in added.items() if i >= len(rows)}
     if extra:  # ids past the model: whole-match pieces, gaps as empty control pieces (matched by nothing)
         rows += [("", 0.0, CONTROL)] * (max(extra) + 1 - len(rows))
         for i, token in extra.items():
             rows[i] = (token, 0.0, USER_DEFINED)
     special = [i for i, (_, _, kind) in enumerate(rows) if kind in (CONTROL, UNKNOWN, USER_DEFINED) and rows[i][0]]
-    special += [i for i in [*added_tokens(directory), *extra_special_ids(directory)] if i not in special]
+    special += [i for i in [*added, *extra_special_ids(directory)] if i not in special]
     lines = [header(SENTENCEPIECE, special, stop_ids, prefix_ids), str(len(rows))]
     for piece, score, kind in rows:
         lines.append(f"{base64.b64encode(piece.encode('utf-8')).decode('ascii')} {score!r} {kind}")
@@ -101,7 +124,8 @@ def piece_id(directory: Path, name: str | None) -> int | None:
     """The id of the piece (or added token) spelled `name`, e.g. the eos_token of tokenizer_config.json."""
     if not name:
         return None
-    added = {t: i for i, t in added_tokens(directory).items()}
+    pieces = load_model(directory / "tokenizer.model").pieces
+    added = {t: i for i, t in added_tokens(directory, len(pieces)).items()}
     if name in added:
         return added[name]
-    return next((i for i, p in enumerate(load_model(directory / "tokenizer.model").pieces) if p.piece == name), None)
+    return next((i for i, p in enumerate(pieces) if p.piece == name), None)

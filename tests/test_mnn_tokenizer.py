@@ -23,14 +23,16 @@ from surgery.errors import SurgeryError
 
 NEEDS_MNN = pytest.mark.skipif(installed("mnn") is None, reason="MNN toolchain absent: `surgery toolchain install mnn`")
 MERGED = ["▁t", "he", "▁the", "in", "▁a", "er", "ing", "▁qu", "ick", "▁quick", "ow", "▁b", "▁br", "own", "▁brown",
-          "▁f", "ox", "▁fox", "▁d", "og", "▁dog", "at", "▁c", "▁cat", "ll", "▁he", "▁hell", "▁▁", "▁in", "▁ing"]
+          "▁f", "ox", "▁fox", "▁d", "og", "▁dog", "at", "▁c", "▁cat", "ll", "▁he", "▁hell", "▁▁", "▁in", "▁ing",
+          "▁q", "ck"]
 CHARS = "▁etaoinshrdlcumwfgypbvkjxqz.,!?'TH你好"
 SP_TEXTS = ["the quick brown fox", "hello there", "  two  spaces ", "the cat\nate it", "你好世界", "<s>the dog</s>",
             "Hi THE? x", "a<sep>b", "ingest in the inn", "Zebra~é"]
 QWEN_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
             r"""\s+(?!\S)|\s+""")
 TT_MERGED = [b"th", b"the", b" t", b" the", b"he", b"ll", b"llo", b"hello", b" q", b"ui", b"uick", b" quick", b"ow",
-             b"own", b" b", b"br", b" brown", b" f", b"ox", b" fox", b"12", b"in", b"ing", b"\n\n", b"\xe4\xbd", "你".encode()]
+             b"own", b" b", b"br", b" brown", b" f", b"ox", b" fox", b"12", b"in", b"ing", b"\n\n", b"\xe4\xbd",
+             "你".encode()]
 TT_TEXTS = ["hello the quick brown fox", "the fox\n\nthe", "<|im_start|>user\nhello<|im_end|>", "你好!", "thing"]
 TT_DIFFER = ["uicker", "12 apples"]  # BPE: "ui" "c" "k" "e" "r" (no "uic"); Qwen's pattern splits digits singly
 
@@ -201,6 +203,29 @@ def test_tiktoken_engine_encodes_as_tiktoken(tmp_path: Path):
     assert got["encode"][len(TT_TEXTS):] == [[ranks.index(b"uick"), *b"er"], [ranks.index(b"12"), *b" apples"]]
     assert [enc.encode(t) for t in TT_DIFFER] == [[ranks.index(b"ui"), *b"cker"], [*b"12", *b" apples"]]
     assert got["decode"] == [" quick", "<|im_start|>", "\n", "你"]
+
+
+@NEEDS_MNN
+def test_chatglm_tokens_defined_in_code(tmp_path: Path):
+    """ChatGLM3's [gMASK], sop and role tokens follow the pieces (tokenization_chatglm.py); [gMASK] sop is the
+    prefix unless the chat template spells it; both are whole-string specials for the engine."""
+    rows = sentencepiece_model(tmp_path / "tokenizer.model")
+    n = len(rows)
+    config = {"tokenizer_class": "ChatGLMTokenizer", "eos_token": "</s>", "additional_special_tokens": ["<|user|>"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert stop_token_ids(tmp_path, [2, n + 6]) == [2, n + 6]  # </s> and <|user|> (generation_config's)
+    text = tokenizer_text(tmp_path, [2])
+    lines = text.splitlines()
+    assert lines[1] == "13 1 2" and lines[2].split()[-2:] == [str(n + 1), str(n + 3)]  # prefix [gMASK] sop
+    assert lines[3] == str(n + 9)
+    got = engine(tmp_path / "engine", text, ["the dog", "<|user|>\n hi"], [n + 3, n + 6])
+    rows += [(name, 0.0, 4) for name in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>",
+                                          "<|assistant|>", "<|observation|>")]
+    assert got["encode"] == [[n + 1, n + 3, *sentencepiece_reference(rows, t)] for t in ("the dog", "<|user|>\n hi")]
+    assert got["decode"] == ["sop", "<|user|>"]
+    config["chat_template"] = "[gMASK]sop{% for m in messages %}<|{{ m['role'] }}|>\n {{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenizer_text(tmp_path, [2]).splitlines()[1] == "13 1 0"  # the template spells the prefix
 
 
 def test_choice_between_tokenizer_files(tmp_path: Path):
