@@ -60,7 +60,8 @@ def tokenizer_text(directory: Path, stop_ids: list[int], prefix_ids: list[int] =
         kind = tok.get("model", {}).get("type", "unknown")
         raise SurgeryError(f"{path} is a {kind} tokenizer that is not byte-level BPE and no tokenizer.model is "
                            "beside it; MNN's engine layout writes tokenizer.txt from a byte-level BPE "
-                           "tokenizer.json, a SentencePiece tokenizer.model or qwen.tiktoken")
+                           "tokenizer.json, a SentencePiece tokenizer.model or qwen.tiktoken (llmexport would "
+                           "write its binary tokenizer.mtok, which surgery does not)")
     raise SurgeryError(f"MNN's engine needs tokenizer.txt, written from tokenizer.json, tokenizer.model or "
                        f"qwen.tiktoken, none of which {directory} has")
 

@@ -15,9 +15,15 @@ space (`Llm::tokenizer_decode` turns a `<0xNN>` piece into its byte).
 So pieces are written as the model stores them, U+2581 and all. MNN's own `llmexport` replaces U+2581 by ' ' in
 the pieces it writes; since the engine started normalizing spaces to U+2581 itself (3.2.4) such a file no longer
 matches any piece that starts a word, so we do not copy that step. Unigram models are refused: the engine would
-run BPE merges over a unigram vocabulary. Control, unknown and user-defined pieces and the tokenizer's added
-tokens go in the special list, which the engine matches as whole strings before encoding (as Hugging Face's
-tokenizers do for special tokens, and SentencePiece does for user-defined pieces).
+run BPE merges over a unigram vocabulary. Control, unknown and (longer than one character) user-defined pieces
+and the tokenizer's added tokens go in the special list, which the engine matches as whole strings before
+encoding (as Hugging Face's tokenizers do for special tokens, and SentencePiece does for user-defined pieces;
+each part between them gets its own U+2581 in front from the engine).
+
+Where the engine departs from a model's own SentencePiece settings it is the engine's behaviour, not the file's:
+no NFKC or other normalization rule, no whitespace collapsing, a U+2581 in front even when the model says
+`add_dummy_prefix: false`, byte fallback even when the model has none (then each byte maps to the unknown id),
+and unused pieces are never merged into (SentencePiece merges into them, then splits them back).
 
 The model is parsed with the SentencePiece protobuf schema transformers ships (the `sentencepiece` package is
 not needed).
@@ -112,7 +118,10 @@ def sentencepiece_text(directory: Path, stop_ids: list[int], prefix_ids: list[in
         rows += [("", 0.0, CONTROL)] * (max(extra) + 1 - len(rows))
         for i, token in extra.items():
             rows[i] = (token, 0.0, USER_DEFINED)
-    special = [i for i, (_, _, kind) in enumerate(rows) if kind in (CONTROL, UNKNOWN, USER_DEFINED) and rows[i][0]]
+    # single characters need no whole-string match (the engine looks every leftover symbol up among them too),
+    # and a special splits the text, each part getting its own leading U+2581
+    special = [i for i, (piece, _, kind) in enumerate(rows)
+               if kind in (CONTROL, UNKNOWN) and piece or kind == USER_DEFINED and len(piece) > 1]
     special += [i for i in [*added, *extra_special_ids(directory)] if i not in special]
     lines = [header(SENTENCEPIECE, special, stop_ids, prefix_ids), str(len(rows))]
     for piece, score, kind in rows:

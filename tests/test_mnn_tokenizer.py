@@ -261,3 +261,16 @@ def test_bad_tokenizer_files_give_one_line(tmp_path: Path):
     (tmp_path / "qwen.tiktoken").unlink()
     with pytest.raises(SurgeryError, match="none of which"):
         tokenizer_text(tmp_path, [])
+
+
+def test_compile_writes_the_type_the_files_give(tmp_path: Path):
+    """compile/mnn_llm.write_tokenizer (what `-c mnn` calls) on copied SentencePiece files: type 0, the manifest's
+    BOS as the prefix when tokenizer_config.json adds one, its EOS and the eos_token's piece as stops."""
+    from types import SimpleNamespace
+
+    from surgery.compile.mnn_llm import TOKENIZER, write_tokenizer
+
+    sentencepiece_model(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_bos_token": True}))
+    write_tokenizer(tmp_path, SimpleNamespace(bos_token_id=1, eos_token_id=[2, 3]))
+    assert (tmp_path / TOKENIZER).read_text().splitlines()[:3] == ["430 0", "4 2 1", "0 1 2 3 2 3 1"]
