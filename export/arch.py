@@ -90,11 +90,13 @@ def qwen_block(block, hidden, cos, sin, mask, past):
 
 
 def native_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' own decoders: `model.rotary_emb` with attention scaling applied, [seq, D]."""
+    """transformers' own decoders: `model.rotary_emb` with attention scaling applied, [seq, D], in the dtype the
+    model computes in (the module computes in float32 and casts to its input's dtype, as at run time: a float32
+    table in an fp16 block would promote q/k to float32 and fail the attention's matmul with fp16 values)."""
     import torch
 
     positions = torch.arange(seq)[None]
-    probe = torch.zeros(1, dtype=torch.float32)
+    probe = torch.zeros(1, dtype=model.model.embed_tokens.weight.dtype)
     cos, sin = model.model.rotary_emb(probe, positions)  # [1, seq, D]
     return cos[0].detach().clone(), sin[0].detach().clone()
 

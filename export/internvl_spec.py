@@ -105,10 +105,11 @@ class InternVisionSpec(VisionSpec):
 
 
 def internvl_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The language model's own rotary table for SEQ positions, [seq, D]."""
+    """The language model's own rotary table for SEQ positions, [seq, D], in the dtype the model computes in (its
+    rotary module computes in float32 and casts to the activations' dtype, as the model does at run time)."""
     import torch
 
-    probe = torch.zeros(1, dtype=torch.float32)
+    probe = torch.zeros(1, dtype=model.language_model.model.embed_tokens.weight.dtype)
     cos, sin = model.language_model.model.rotary_emb(probe, torch.arange(seq)[None])
     return cos[0].detach().clone(), sin[0].detach().clone()
 

@@ -19,7 +19,7 @@ def qwen2_vl_rope(model: torch.nn.Module, seq: int) -> tuple[torch.Tensor, torch
     import torch
 
     positions = torch.arange(seq)[None]
-    probe = torch.zeros(1, dtype=torch.float32)
+    probe = torch.zeros(1, dtype=model.model.language_model.embed_tokens.weight.dtype)  # the blocks' dtype
     cos, sin = model.model.language_model.rotary_emb(probe, positions)  # [1, seq, D]: three equal components
     return cos[0].detach().clone(), sin[0].detach().clone()
 

@@ -100,9 +100,10 @@ def mrope_positions(ids: list[int], vision: dict) -> tuple[np.ndarray, int]:
     return positions, int(positions.max()) + 1 - len(ids)
 
 
-def prepare(run, ids: list[int], image, vision: dict) -> Media:
-    """Run the vision graph on `image` (through `run(name, **feeds)`) and place it in the prompt `ids`."""
-    embeds = run(vision["graph"], pixel_values=preprocess(image, vision))[0]
+def prepare(run, ids: list[int], image, vision: dict, dtype: str = "float32") -> Media:
+    """Run the vision graph on `image` (through `run(name, **feeds)`, pixels in the graph's `dtype`) and place it
+    in the prompt `ids`."""
+    embeds = run(vision["graph"], pixel_values=preprocess(image, vision).astype(dtype))[0]
     slots = np.flatnonzero(np.asarray(ids) == vision["image_token_id"])
     if len(slots) != len(embeds):
         raise SurgeryError(f"the prompt has {len(slots)} image tokens but the image gives {len(embeds)} embeddings; "
@@ -127,4 +128,5 @@ def image_request(model, image_path: str | Path, tokenizer, text: str | None, ch
     if len(ids) >= model.manifest.seq_length:
         raise SurgeryError(f"the prompt with its image is {len(ids)} tokens; this export takes at most "
                            f"{model.manifest.seq_length - 1} (re-export with a larger --seq-length)")
-    return ids, prepare(model.run, ids, image, vision)
+    dtype = next((g.inputs[0].dtype for g in model.manifest.graphs if g.name == vision["graph"]), "float32")
+    return ids, prepare(model.run, ids, image, vision, dtype)  # an fp16 export's vision graph takes fp16 pixels
