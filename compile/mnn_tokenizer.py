@@ -49,7 +49,10 @@ def header(kind: int, special: list[int], stop: list[int], prefix: list[int]) ->
 def tokenizer_text(directory: Path, stop_ids: list[int], prefix_ids: list[int] = ()) -> str:
     """The engine's tokenizer file for the tokenizer files in `directory` (see the module docstring for which)."""
     path, prefix_ids = directory / "tokenizer.json", list(prefix_ids)
-    tok = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"{path} is not a JSON tokenizer ({e}); copy it again from the checkpoint") from None
     if tok is not None and _is_byte_level(tok):
         return _huggingface_text(tok, stop_ids, prefix_ids)
     if (directory / "tokenizer.model").is_file():

@@ -261,6 +261,9 @@ def test_bad_tokenizer_files_give_one_line(tmp_path: Path):
     (tmp_path / "qwen.tiktoken").unlink()
     with pytest.raises(SurgeryError, match="none of which"):
         tokenizer_text(tmp_path, [])
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(SurgeryError, match="is not a JSON tokenizer"):
+        tokenizer_text(tmp_path, [])
 
 
 def test_compile_writes_the_type_the_files_give(tmp_path: Path):
