@@ -113,8 +113,9 @@ def run_cmd(
     prompt: Annotated[str | None, typer.Option(help="Prompt text (tokenized with the exported tokenizer).")] = None,
     prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="Comma-separated prompt token ids.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    image: Annotated[Path | None, typer.Option(help="VL exports: an image, placed before the prompt text (or at "
-                                                    "the one image token of --prompt-ids).")] = None,
+    image: Annotated[Path | None, typer.Option(help="VL exports and their bm1684x / MNN --layout graphs bundles: an "
+                                                    "image, placed before the prompt text (or at the one image "
+                                                    "token of --prompt-ids).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     backend: Annotated[str, typer.Option(help="auto (from the manifest), onnxruntime, mnn or bmodel (Sophgo, on "
                                               "the CPU simulator).")] = "auto",
