@@ -13,22 +13,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
-from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from surgery.checks import DELTA, check_graph, sampled
+from surgery.checks import DELTA, sampled
 from surgery.compile.base import Adapter, CompileOptions, copy_host_files, finish, prepare
 from surgery.compile.logged import run_logged
 from surgery.compile.sophgo_ahead import BuildAhead
+from surgery.compile.sophgo_check import simulate
 from surgery.compile.sophgo_graphs import QUANTS, float_mode, plan_job
 from surgery.compile.toolchains import bin_env, home, installed
-from surgery.compile.tpumlir import TpuMlirWorker, WorkerPool
+from surgery.compile.tpumlir import WorkerPool
 from surgery.fsutil import sha256_file
-from surgery.manifest import Compiled, GraphSpec, Manifest
+from surgery.manifest import Compiled, Manifest
 
 # cosine floors on the simulator, per quantization mode, for the hidden states of every block, and for what
 # a block adds to its input (lower: quantization noise is relative to the small update, not the residual)
@@ -41,7 +38,6 @@ MIN_DELTA = {"f16": 0.99, "bf16": 0.95, "w8f16": 0.95, "w8bf16": 0.95, "w4f16": 
 # vocabulary-table graphs are the longest builds, the head the longest check
 BUILD_COST = {"embedding": 9.0, "lm_head": 8.5, "embedding_cache": 7.5, "block": 2.3, "block_cache": 2.4,
               "greedy_head": 1.5, "sample_head": 1.0}
-SIMULATE_COST = {"lm_head": 21.0, "block": 15.0, "block_cache": 12.0, "embedding": 5.0, "embedding_cache": 5.0}
 # (prefill blocks, simulated only at --check all, were not in that run: placed above a decode block)
 # a vocabulary table this large (a 7B model's: 1.2 GB in bf16) is built and simulated by one worker at a time:
 # each such job holds a few copies of it, and two at once took the compile stage past 9 GB (bench/scale.py)
@@ -121,10 +117,13 @@ class SophgoAdapter(Adapter):
                 details={"routes": {j.name: {"route": j.route, "deploy": j.deploy, "cache_key": j.key} for j in jobs},
                          "build_seconds": built_seconds([work, *([ahead.work] if ahead else [])], jobs)})
             compiled.write(out)
-            rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
-                            sampled(manifest, options.check, costly=True), manifest.vocab_size, work,
-                            compiled.compiled.details.setdefault("simulate_seconds", {}),
-                            heavy={j.name for j in jobs if big_table(j)})
+            seconds = compiled.compiled.details.setdefault("simulate_seconds", {})
+            done = {j.name: ahead.checked(j) for j in jobs if j.key in early and ahead.checked(j) is not None}
+            seconds.update({name: ahead.seconds[name] for name in done if name in ahead.seconds})
+            rows = [row for name in done for row in done[name]]
+            rows += simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
+                             [g for g in sampled(manifest, options.check, costly=True) if g.name not in done],
+                             manifest.vocab_size, work, seconds, heavy={j.name for j in jobs if big_table(j)})
         shutil.rmtree(work / "tables", ignore_errors=True)  # compiler intermediates: GBs at 7B
         if ahead:
             shutil.rmtree(ahead.work, ignore_errors=True)
@@ -140,33 +139,6 @@ def built_seconds(works: list[Path], jobs: list) -> dict[str, dict[str, float]]:
     timings = {j.name: [w / j.name / "seconds.json" for w in works] for j in jobs}
     return {name: json.loads(path.read_text()) for name, paths in timings.items() for path in paths
             if path.is_file()}
-
-
-def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs: list[GraphSpec], vocab: int,
-             work: Path, seconds: dict[str, float], heavy: Collection[str] = ()):
-    """Each chosen graph's bmodel on the CPU simulator against onnxruntime on the same inputs; the time each
-    simulation took goes into `seconds` (the manifest: what a check level costs at this size). Graphs named
-    in `heavy` (a big table's) are simulated one at a time."""
-
-    def one(worker: TpuMlirWorker, graph: GraphSpec):
-        gdir = work / graph.name
-        gdir.mkdir(parents=True, exist_ok=True)
-
-        def run(g: GraphSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-            np.savez(gdir / "sim_in.npz", **feeds)
-            start = time.monotonic()
-            worker.call("simulate", f"simulating graph {g.name}", gdir / "simulate.log", bmodel=bmodels[g.name],
-                        net=g.name, inputs=gdir / "sim_in.npz", outputs=gdir / "sim_out.npz")
-            seconds[g.name] = round(time.monotonic() - start, 2)
-            got = np.load(gdir / "sim_out.npz")  # by name; TPU-MLIR renames some outputs, whose order it keeps
-            names = [next((k for k in got.files if k == t.name or k.startswith(f"{t.name}_")), got.files[i])
-                     for i, t in enumerate(g.outputs)]
-            return [got[k] for k in names]
-
-        return check_graph(onnx_dir, graph, vocab, run)
-
-    return [row for rows in pool.map(one, graphs, cost=lambda g: SIMULATE_COST.get(g.kind, 1),
-                                     exclusive=lambda g: g.name in heavy) for row in rows]
 
 
 ADAPTER = SophgoAdapter()

@@ -49,13 +49,33 @@ def table_graph_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.nda
         return None
     rows = _rows(table, Path(path).parent)
     if node.op_type == "Gather" and attrs.get("axis", 0) == 0 and node.input[1] in feeds:
-        ids = np.asarray(feeds[node.input[1]]).astype(np.int64)
-        out = _float(rows[ids.reshape(-1)]).reshape(*ids.shape, rows.shape[1])
+        out = _lookup(rows, feeds[node.input[1]])
     elif (node.op_type == "Gemm" and len(node.input) == 2 and attrs.get("transB") == 1 and not attrs.get("transA")
           and attrs.get("alpha", 1.0) == 1.0 and node.input[0] in feeds):
-        x = np.asarray(feeds[node.input[0]], np.float32)
-        out = np.concatenate([x @ _float(rows[i:i + ROWS]).T for i in range(0, rows.shape[0], ROWS)], axis=-1)
+        out = _product(rows, feeds[node.input[0]])
     else:
         return None
     want = onnx.helper.tensor_dtype_to_np_dtype(model.graph.output[0].type.tensor_type.elem_type)
     return [out.astype(want)]
+
+
+def request_outputs(source: Path, request: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The output of a table build request (compile/sophgo_graphs.table_request: `gather` or `matmul` of the
+    table file in `source`) on `feeds`: what the net built from it must compute."""
+    t = request["table"]
+    rows = np.memmap(Path(source) / t["file"], dtype={"float32": np.float32, "float16": np.float16,
+                                                      "bfloat16": np.uint16}[t["dtype"]],
+                     mode="r", offset=t.get("offset", 0), shape=tuple(t["shape"]))
+    x = feeds[request["input"]]
+    out = _lookup(rows, x) if request["kind"] == "gather" else _product(rows, x)
+    return [out.reshape(request["out_shape"])]
+
+
+def _lookup(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids).astype(np.int64)
+    return _float(rows[ids.reshape(-1)]).reshape(*ids.shape, rows.shape[1])
+
+
+def _product(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return np.concatenate([x @ _float(rows[i:i + ROWS]).T for i in range(0, rows.shape[0], ROWS)], axis=-1)
