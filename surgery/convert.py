@@ -59,9 +59,10 @@ class ConvertOptions:
                               self.num_device, self.jobs, self.check, self.layout, separate)
 
 
-# Compiler workers are started while export and optimize run (8 s of start-up each, a sixth of a 0.5B
-# conversion) unless the vocabulary table reaches this size: at 7B each idle worker's 1 GB would sit on top of
-# export's and optimize's peaks (6.8 GB for the process tree instead of 5.0), and 8 s is nothing there.
+# Compiler workers are started while export and optimize run, and build (and check) the vocabulary-table
+# graphs there as export finishes them (half a 0.5B conversion's compile work), unless the table reaches this
+# size: at 7B the workers' GBs would sit on top of export's and optimize's peaks (6.8 GB for the process tree
+# instead of 5.0 with idle workers alone), and the minutes of a 7B compile are not shortened much by it.
 PREWARM_BELOW = 1 << 30
 
 
