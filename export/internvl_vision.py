@@ -41,3 +41,36 @@ class InternVisionGraph(torch.nn.Module):
         hidden = hidden[:, 1:].reshape(1, self.grid[0], self.grid[1], -1)
         hidden = self.shuffle(hidden, scale_factor=self.ratio)
         return self.mlp1(hidden.reshape(1, -1, hidden.shape[-1]))[0]
+
+
+class InternVisionHFGraph(torch.nn.Module):
+    """transformers' native InternVL (`InternVLForConditionalGeneration`, the `-hf` checkpoints): the same path
+    under its own names (vision_tower, lambda_1/2 layer scales, multi_modal_projector). Its embeddings always
+    interpolate the position table while tracing; at the checkpoint's size the table is used as stored."""
+
+    def __init__(self, model: torch.nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        inner, config = model.model, model.config
+        self.tower, self.projector, self.grid = inner.vision_tower, inner.multi_modal_projector, grid
+        self.shuffle, self.ratio = inner.pixel_shuffle, config.downsample_ratio
+        layers = len(self.tower.encoder.layer)
+        self.depth = config.vision_feature_layer % (layers + 1)
+        self.last = config.vision_feature_layer == -1  # only the last layer's output goes through `layernorm`
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.native = tuple(grid) == tuple(self.tower.embeddings.patch_embeddings.patch_shape)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeddings = self.tower.embeddings
+        patches = embeddings.patch_embeddings(pixel_values)
+        hidden = torch.cat([embeddings.cls_token.to(patches.dtype), patches], dim=1)
+        table = embeddings.position_embeddings if self.native else embeddings.interpolate_pos_encoding(
+            hidden, pixel_values.shape[2], pixel_values.shape[3])
+        hidden = hidden + table.to(hidden.dtype)
+        for layer in self.tower.encoder.layer[:self.depth]:
+            hidden = layer(hidden)
+        if self.last:
+            hidden = self.tower.layernorm(hidden)
+        if self.drop_cls:
+            hidden = hidden[:, 1:]
+        hidden = self.shuffle(hidden.reshape(1, self.grid[0], self.grid[1], -1), scale_factor=self.ratio)
+        return self.projector(hidden.reshape(1, -1, hidden.shape[-1]))[0]

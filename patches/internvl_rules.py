@@ -88,3 +88,48 @@ class ForceLocalAssignment(Rule):
                                  f"was `{_code(assign.value)}`")
             body.append(stmt)
         return updated.with_changes(body=updated.body.with_changes(body=body))
+
+
+class TextModelFromCopy(Rule):
+    """`self.language_model = AutoModel.from_config(config.text_config)` (transformers' native InternVL) becomes
+    `self.language_model = _surgery_text_model(config.text_config)`, a function added after the imports that
+    builds the decoder from the pack's patched copy of its family's file (`copies`: model_type -> (module,
+    class)); an unknown model_type fails at load, naming the ones the pack copied."""
+
+    name = "text-model-from-copy"
+    anchor = "`self.language_model = AutoModel.from_config(config.text_config)`"
+    CALL = m.Call(func=m.Attribute(value=m.Name("AutoModel"), attr=m.Name("from_config")),
+                  args=[m.Arg(m.Attribute(attr=m.Name("text_config")))])
+
+    def __init__(self, copies: Mapping[str, tuple[str, str]]) -> None:
+        super().__init__()
+        self.copies = dict(copies)
+        self._found = False  # the call was rewritten: the helper it calls goes after the imports
+
+    def _helper(self) -> cst.BaseStatement:
+        branches = "".join(f"    if config.model_type == {kind!r}:\n        from .{module} import {cls}\n\n"
+                           f"        return {cls}(config)\n" for kind, (module, cls) in self.copies.items())
+        return cst.parse_statement(f"def _surgery_text_model(config):\n{branches}    raise ValueError("
+                                   f"f\"no patched copy for a {{config.model_type}} language model; the pack "
+                                   f"copied {', '.join(self.copies)}\")\n")
+
+    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine,
+                                  updated: cst.SimpleStatementLine) -> cst.SimpleStatementLine:
+        pattern = m.SimpleStatementLine([m.Assign(targets=[m.AssignTarget(m.Attribute(
+            value=m.Name("self"), attr=m.Name("language_model")))], value=self.CALL)])
+        if not m.matches(updated, pattern):
+            return updated
+        call = cst.parse_expression("_surgery_text_model(config.text_config)")
+        self._found = True
+        return self.mark(updated.with_changes(body=[updated.body[0].with_changes(value=call)]),
+                         "the decoder from the pack's patched copy, not the AutoModel registry")
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        if not self._found:
+            return updated
+        body = list(updated.body)
+        at = max((i + 1 for i, s in enumerate(body) if m.matches(s, m.SimpleStatementLine(
+            [m.ImportFrom() | m.Import()]))), default=0)
+        helper = self._helper().with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()])
+        return updated.with_changes(body=[*body[:at], self.mark(helper, "builds the copied decoder",
+                                                                same_site=True), *body[at:]])

@@ -106,3 +106,39 @@ def test_drop_path_fallback_of_the_pack():
                 def __init__(self, drop_prob=0.0, scale_by_keep=True):
                     super().__init__()
     ''')
+
+
+def test_text_model_from_copy():
+    from surgery.patches.internvl_rules import TextModelFromCopy
+
+    assert_rule(partial(TextModelFromCopy, {"qwen2": ("modeling_qwen2", "Qwen2Model")}), """
+        import torch
+        from ..auto import AutoModel
+
+
+        class InternVLModel(Base):
+            def __init__(self, config):
+                self.vision_tower = AutoModel.from_config(config.vision_config)
+                self.language_model = AutoModel.from_config(config.text_config)
+    """, """
+        import torch
+        from ..auto import AutoModel
+
+
+        # surgery: test/rule: builds the copied decoder
+        def _surgery_text_model(config):
+            if config.model_type == 'qwen2':
+                from .modeling_qwen2 import Qwen2Model
+
+                return Qwen2Model(config)
+            raise ValueError(f"no patched copy for a {config.model_type} language model; the pack copied qwen2")
+
+
+        class InternVLModel(Base):
+            def __init__(self, config):
+                self.vision_tower = AutoModel.from_config(config.vision_config)
+                # surgery: test/rule: the decoder from the pack's patched copy, not the AutoModel registry
+                self.language_model = _surgery_text_model(config.text_config)
+    """)
+    assert_rule(partial(TextModelFromCopy, {"qwen2": ("modeling_qwen2", "Qwen2Model")}),
+                "self.vision_tower = AutoModel.from_config(config.vision_config)\n", None)

@@ -121,7 +121,7 @@ def fixture_cmd(
                                              "qwen2-gptq-actorder, qwen2-gptq-actorder-calibrated, qwen2-awq "
                                              "(quantized checkpoints), qwen2-lora (a PEFT adapter for the qwen2 "
                                              "fixture); qwen2_vl, "
-                                             "qwen2_5_vl, internvl (vision-language).")],
+                                             "qwen2_5_vl, internvl, internvl_hf (vision-language).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
     revision: Annotated[str | None, typer.Option(help="qwen and chatglm: the upstream revision style to imitate "
                                                       "(default: qwen 2023-11, chatglm 2023-07; a wrong one lists "
@@ -135,7 +135,7 @@ def fixture_cmd(
     """
     from functools import partial
 
-    from surgery.fixtures import baichuan, chatglm, internlm2, internvl, minicpm, qwen_v1
+    from surgery.fixtures import baichuan, chatglm, internlm2, internvl, internvl_hf, minicpm, qwen_v1
     from surgery.fixtures.lora import build_lora
     from surgery.fixtures.native import FAMILIES, build_native
     from surgery.fixtures.quantized import FIXTURES as QUANTIZED
@@ -152,6 +152,7 @@ def fixture_cmd(
     derived = [*QUANTIZED, "qwen2-lora"]  # a GPTQ/AWQ checkpoint, or a LoRA adapter for the qwen2 fixture
     vl = {f: partial(build_qwen2_vl, family=f) for f in ("qwen2_vl", "qwen2_5_vl")}  # vision-language
     vl["internvl"] = internvl.build  # InternVL remote code (Qwen2 LLM)
+    vl["internvl_hf"] = internvl_hf.build  # transformers' native InternVL (the -hf checkpoints)
     if kind not in remote and kind not in FAMILIES and kind not in derived and kind not in vl:
         raise SurgeryError(f"no fixture named {kind!r}; available: "
                            f"{', '.join([*remote, *FAMILIES, *derived, *vl])}")
