@@ -11,7 +11,7 @@ grid of 2^bits levels (a dequantized checkpoint's weights do, exactly, once act-
 export/act_order.py) is rewritten in the top MLIR into `top.A16MatMul` with that grid's codes, scales and
 zero points (`right_transpose`, [N, K/2] packed low nibble first, as llm_convert's ModelHandle writes them).
 The grid is read off the weights themselves, so no checkpoint is needed where the graph is built: a group's
-step is the smallest difference of its values (or a divisor of it), and the codes are accepted only if
+step is its smallest nonzero magnitude (or that divided by a small integer), and the codes are accepted only if
 `(code - zero) * scale` gives back every weight bit for bit. Weights not on such a grid stay as they were.
 """
 
