@@ -9,9 +9,11 @@ supports beside the model with the native patches, and rewrites that call to bui
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 from surgery.codemod import Patch
+from surgery.errors import SurgeryError
 from surgery.export.internvl_hf_spec import INTERNVL_HF_SPEC
 from surgery.packs import ApplyOptions, Pack
 
@@ -29,6 +31,14 @@ PATCHES = [
     Patch("text-model-copy", "the language model from the pack's patched copy of its transformers file",
           [partial(TextModelFromCopy, {kind: (f"modeling_{kind}", cls) for kind, cls in DECODERS.items()})]),
 ]
+
+
+def check_config(config: Mapping[str, object]) -> None:
+    """Refuse a language model the pack has no patched copy for, before anything is written."""
+    kind = (config.get("text_config") or {}).get("model_type", "qwen2")  # InternVLConfig's default text model
+    if kind not in DECODERS:
+        raise SurgeryError(f"this InternVL's language model is {kind!r}; the internvl_hf pack handles "
+                           f"{', '.join(DECODERS)}")
 
 
 def config_edits(opts: ApplyOptions) -> dict[str, object]:
@@ -54,4 +64,5 @@ PACK = Pack(
     config_edits=config_edits,
     checked_with=">=5.24,<6",
     export_spec=INTERNVL_HF_SPEC,
+    check_config=check_config,
 )

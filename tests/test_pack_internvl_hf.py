@@ -10,6 +10,7 @@ import torch
 from test_pack_internvl import SEQ, _image
 
 from surgery.apply import plan_apply, write_plan
+from surgery.errors import SurgeryError
 from surgery.export.exporter import ExportOptions, export_model
 from surgery.export.verify import verify_export
 from surgery.manifest import Manifest
@@ -56,6 +57,8 @@ def _batch(hf, question: str):
 
 def test_apply_auto_picks_the_pack_and_every_graph_verifies(hf):
     assert pack_for_model_type("internvl").name == "internvl_hf"
+    with pytest.raises(SurgeryError, match="language model is 'internlm2'; the internvl_hf pack handles"):
+        get_pack("internvl_hf").check_config({"text_config": {"model_type": "internlm2"}})
     rows = verify_export(hf["onnx"], trust_remote_code=True)
     assert "vision" in {r.graph for r in rows} and min(r.cosine for r in rows) > 0.99999
 
