@@ -44,6 +44,28 @@ def token_ids(model_dir: Path, names: dict[str, str]) -> dict[str, int]:
     return {key: found[token] for key, token in names.items()}
 
 
+def conversation_system(model_dir: Path, template: str | None) -> str | None:
+    """The system message chat() puts first: `system_message=` of the `Conversation(name=<template>, ...)` that
+    the model's conversation.py registers, read by parsing the file (never running it); None when the file or the
+    template is not there (then the tokenizer's chat template decides)."""
+    import libcst as cst
+    import libcst.matchers as m
+
+    path = Path(model_dir) / "conversation.py"
+    if template is None or not path.is_file():
+        return None
+    try:
+        module = cst.parse_module(path.read_text(encoding="utf-8"))
+    except (cst.ParserSyntaxError, UnicodeDecodeError):
+        return None
+    for call in m.findall(module, m.Call(func=m.Name("Conversation"))):
+        values = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+        name, system = values.get("name"), values.get("system_message")
+        if isinstance(name, cst.BaseString) and name.evaluated_value == template:
+            return system.evaluated_value if isinstance(system, cst.BaseString) else None
+    return None
+
+
 @dataclass(frozen=True)
 class InternVisionSpec(VisionSpec):
     """InternViT: the whole image [1, 3, S, S] in, one embedding per 2x2 patches (downsample ratio 0.5) out."""
@@ -99,6 +121,8 @@ class InternVisionSpec(VisionSpec):
                                "image_size; no thumbnail is added to a single tile"},
             **geo, "downsample_ratio": raw_config.get("downsample_ratio", 0.5),
             **token_ids(model_dir, TOKENS), "text_after_image": "\n", "positions": "1-D",
+            # chat(): the conversation template's system message, given to the tokenizer's chat template
+            "system_message": conversation_system(model_dir, raw_config.get("template")),
             "prompt": "<img> then `tokens` <IMG_CONTEXT> tokens (rows replaced by image_embeds) then </img>, a "
                       "newline and the question (InternVL chat(): '<image>\\n' + question)",
         }

@@ -78,7 +78,8 @@ def image_prompt(tokenizer, text: str, chat: bool, vision: dict) -> list[int]:
     names = [tokenizer.convert_ids_to_tokens(vision[k]) for k in
              ("vision_start_token_id", "image_token_id", "vision_end_token_id")]
     text = "".join(names) + vision.get("text_after_image", "") + text  # InternVL: a newline
-    return expand_image_tokens(encode_prompt(tokenizer, text, chat), vision)
+    # InternVL: chat() puts its conversation template's system message first (None: the chat template's default)
+    return expand_image_tokens(encode_prompt(tokenizer, text, chat, vision.get("system_message")), vision)
 
 
 def mrope_positions(ids: list[int], vision: dict) -> tuple[np.ndarray, int]:

@@ -135,6 +135,15 @@ def test_preprocessing_equals_build_transform(ivl, tmp_path, mode):
     assert np.abs(got - want).max() < 1e-5
 
 
+def test_system_message_is_read_from_the_conversation_template(ivl, tmp_path):
+    from surgery.export.internvl_spec import conversation_system
+
+    assert Manifest.read(ivl["onnx"]).vision["system_message"] == "You are a helpful vision assistant."
+    assert conversation_system(ivl["src"], "other") is None and conversation_system(tmp_path, "internvl2_5") is None
+    (tmp_path / "conversation.py").write_text('Conversation(name="internvl2_5", system_message="a" "b")\n')
+    assert conversation_system(tmp_path, "internvl2_5") == "ab"
+
+
 def test_prompt_equals_the_chat_query(ivl):
     vision = Manifest.read(ivl["onnx"]).vision
     tokenizer = load_tokenizer(ivl["onnx"])
