@@ -66,3 +66,19 @@ def test_engine_with_lora_mnn_is_the_merged_model_and_without_it_the_base(tmp_pa
     assert _cosine(got["base"], want["base"]) > 0.995 > _cosine(got["base"], want["merged"])
     assert with_lora["tokens"] == MnnLlm(merged).engine(PROMPT, 12)["tokens"]  # measured: all 12 equal
     assert with_lora["tokens"] != without["tokens"]
+
+
+def test_cli_refuses_separate_for_sophgo_before_any_stage(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    base = build_native("qwen2", tmp_path / "base")
+    adapter = build_lora(base, tmp_path / "adapter")
+    surgery = str(Path(sys.executable).with_name("surgery"))
+    done = subprocess.run([surgery, "convert", "auto", "-m", str(base), "--lora", str(adapter), "--lora-mode",
+                           "separate", "-s", "32", "-c", "bm1684x", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 2 and "for bm1684x use --lora-mode merged" in done.stderr
+    assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "out").exists()
