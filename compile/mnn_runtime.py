@@ -109,13 +109,13 @@ class MnnLlm:
         return json.loads(lines[-1])
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None,
-                 sampling: object = None) -> Generation:
+                 sampling: object = None, lora: str | None = None) -> Generation:
         if sampling is not None:
             raise SurgeryError("MNN's engine samples as its config.json says (sampler_type); `surgery run --sample` "
                                "drives the per-graph layout (compile with --layout graphs)")
         if not prompt:
             raise SurgeryError("the prompt is empty")
-        result = self.engine(prompt, max_new_tokens, eos)
+        result = self.engine(prompt, max_new_tokens, eos, lora)
         steps = result["steps"]
         return Generation(result["tokens"], result["prefill_ms"], len(steps) / sum(steps) if steps else 0.0, steps)
 

@@ -66,6 +66,7 @@ def test_engine_with_lora_mnn_is_the_merged_model_and_without_it_the_base(tmp_pa
     assert _cosine(got["base"], want["base"]) > 0.995 > _cosine(got["base"], want["merged"])
     assert with_lora["tokens"] == MnnLlm(merged).engine(PROMPT, 12)["tokens"]  # measured: all 12 equal
     assert with_lora["tokens"] != without["tokens"]
+    assert engine.generate(PROMPT, 12, lora="lora.mnn").tokens == with_lora["tokens"]  # `surgery run --lora`
 
 
 def test_cli_refuses_separate_for_sophgo_before_any_stage(tmp_path: Path):

@@ -126,6 +126,8 @@ def run_cmd(
     temperature: Annotated[float, typer.Option(min=0.01, help="--sample: temperature.")] = 1.0,
     penalty: Annotated[float, typer.Option(min=0.01, help="--sample: repetition penalty.")] = 1.0,
     seed: Annotated[int, typer.Option(help="--sample: random seed.")] = 0,
+    lora: Annotated[str | None, typer.Option("--lora", help="MNN engine bundles converted with --lora-mode "
+                                             "separate: run the adapter's model (lora.mnn) over the base.")] = None,
     trust_remote_code: Trust = False,
     as_json: Json = False,
 ) -> None:
@@ -161,8 +163,11 @@ def run_cmd(
 
         prompt_tokens, media = image_request(model, image, tokenizer, prompt, chat, prompt_tokens)
     sampling = Sampling(top_k, top_p, temperature, penalty, seed) if sample else None
+    if lora is not None and lora not in (model.manifest.compiled.files if model.manifest.compiled else []):
+        raise SurgeryError(f"--lora {lora}: {onnx_dir} has no such adapter model; it is written by `surgery convert "
+                           "-c mnn --lora DIR --lora-mode separate` (as lora.mnn)")
     result = model.generate(prompt_tokens, max_new_tokens, eos=stop_ids(model.manifest, tokenizer), sampling=sampling,
-                            **({"media": media} if media is not None else {}))
+                            **({"media": media} if media is not None else {}), **({"lora": lora} if lora else {}))
     text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer else None
     if as_json:
         emit_json({"text": text, "tokens": result.tokens, "prompt_tokens": len(prompt_tokens),
