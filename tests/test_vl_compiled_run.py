@@ -166,7 +166,7 @@ def test_internvl_mnn_graphs_bundle_runs_an_image(ivl, tmp_path):
 @pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run "
                     "`surgery toolchain install sophgo` (make toolchains)")
 def test_internvl_bm1684x_bundle_runs_an_image(ivl, tmp_path):
-    """~4 min on 2 shared cores (SEQ 128 on the simulator): measured 16 of 16 tokens equal at F16."""
+    """About 4 min on 2 busy cores with a cold compile cache, 30 s warm (SEQ 128 on the simulator); 16 of 16."""
     from surgery.compile.sophgo import ADAPTER as SOPHGO
 
     got, want = _internvl_case(ivl, tmp_path, SOPHGO, CompileOptions("bm1684x", quantize="f16", check="none"), "bm")
