@@ -125,14 +125,15 @@ def plan_job(onnx_dir: Path, graph: GraphSpec, options: CompileOptions, version:
 def codes_request(onnx_dir: Path, graph: GraphSpec, o: CompileOptions) -> dict | None:
     """For a block of a GPTQ/AWQ checkpoint compiled to asymmetric 4/8-bit weights: the weights that lie on
     the compile's group grid go to the compiler as codes (compile/tpumlir_codes.py), not re-quantized."""
-    from surgery.compile.tpumlir_codes import handover_bits
+    from surgery.compile.tpumlir_codes import HANDOVER_VERSION, handover_bits
 
     bits = handover_bits(o.quantize, o.symmetric)
     manifest = onnx_dir / "manifest.json"
     if graph.kind not in ("block", "block_cache") or bits is None or not manifest.is_file():
         return None
     source = json.loads(manifest.read_text()).get("source") or {}
-    return {"bits": bits, "group": o.group_size} if (source.get("checkpoint") or {}).get("quantization") else None
+    quantized = (source.get("checkpoint") or {}).get("quantization")
+    return {"bits": bits, "group": o.group_size, "version": HANDOVER_VERSION} if quantized else None
 
 
 _LOCKS: dict[Path, threading.Lock] = {}

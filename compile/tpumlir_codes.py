@@ -30,6 +30,11 @@ MATMUL = re.compile(r'^(\s*)(%\w+) = "top.MatMul"\((%\w+), (%\w+), (%\w+)\) \{[^
 WEIGHT_FILE = re.compile(r'module\.weight_file = "([^"]+)"')
 
 
+# the hand-over's own version, in every handed-over build's cache key: a change to how the grid is read or the
+# MLIR rewritten must not reuse nets built by the old code
+HANDOVER_VERSION = 1
+
+
 def handover_bits(quantize: str, symmetric: bool) -> int | None:
     """The weight bits codes are handed over at: asymmetric W4*/W8* modes (a symmetric compile fixes every
     zero point, which a checkpoint's grid need not have)."""
