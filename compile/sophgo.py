@@ -122,12 +122,9 @@ class SophgoAdapter(Adapter):
             if beside:
                 beside.start()
             seconds: dict[str, float] = {}
-            done = {j.name: ahead.checked(j) for j in jobs if j.key in early and ahead.checked(j) is not None}
-            seconds.update({name: ahead.seconds[name] for name in done if name in ahead.seconds})
-            rows = [row for name in done for row in done[name]]
-            rows += simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
-                             [g for g in sampled(manifest, options.check, costly=True) if g.name not in done],
-                             manifest.vocab_size, work, seconds, heavy={j.name for j in jobs if big_table(j)})
+            rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
+                            sampled(manifest, options.check, costly=True), manifest.vocab_size, work, seconds,
+                            heavy={j.name for j in jobs if big_table(j)})
             if beside:
                 beside.join()
         if big:

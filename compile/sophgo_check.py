@@ -2,14 +2,13 @@
 
 Each chosen graph's own bmodel runs on the simulator (on a compiler worker, compile/tpumlir_worker.py) with
 the contract's inputs; `surgery.checks.check_graph` compares it with onnxruntime on the graph, or, for a net
-built from its vocabulary table, with the table's lookup/product computed from the file (a build started
-during export checks itself that way, before the optimized graph exists: compile/sophgo_ahead.py).
+built from its vocabulary table, with the table's lookup/product computed from the file.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,7 @@ SIMULATE_COST = {"lm_head": 21.0, "block": 15.0, "block_cache": 12.0, "embedding
 
 
 def simulate_one(worker: TpuMlirWorker, onnx_dir: Path, graph: GraphSpec, bmodel: Path, vocab: int, gdir: Path,
-                 seconds: dict[str, float],
-                 reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None) -> list[Parity]:
+                 seconds: dict[str, float]) -> list[Parity]:
     """One net on the simulator against its reference; the seconds it took go into `seconds`."""
     gdir.mkdir(parents=True, exist_ok=True)
 
@@ -41,7 +39,7 @@ def simulate_one(worker: TpuMlirWorker, onnx_dir: Path, graph: GraphSpec, bmodel
                  for i, t in enumerate(g.outputs)]
         return [got[k] for k in names]
 
-    return check_graph(onnx_dir, graph, vocab, run, reference)
+    return check_graph(onnx_dir, graph, vocab, run)
 
 
 def simulate(pool: WorkerPool, onnx_dir: Path, bmodels: dict[str, Path], graphs: list[GraphSpec], vocab: int,

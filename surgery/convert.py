@@ -59,7 +59,7 @@ class ConvertOptions:
                               self.num_device, self.jobs, self.check, self.layout, separate)
 
 
-# Compiler workers are started while export and optimize run, and build (and check) the vocabulary-table
+# Compiler workers are started while export and optimize run, and with checks off build the vocabulary-table
 # graphs there as export finishes them (half a 0.5B conversion's compile work), unless the table reaches this
 # size: at 7B the workers' GBs would sit on top of export's and optimize's peaks (6.8 GB for the process tree
 # instead of 5.0 with idle workers alone), and the minutes of a 7B compile are not shortened much by it.
@@ -149,7 +149,8 @@ def convert(o: ConvertOptions, progress: Callable[[str], None] = lambda s: None)
     ]
     if o.executor == "local" and table_bytes(config) < PREWARM_BELOW:
         adapter.prewarm(o.compile_options())  # compiler workers start while export and optimize run
-        ahead = adapter.build_ahead(o.compile_options(), stages_dir / "ahead")  # and build the tables meanwhile
+        if o.check == "none":  # and build the tables meanwhile (compile/sophgo_ahead.py says why only then)
+            ahead = adapter.build_ahead(o.compile_options(), stages_dir / "ahead")
     run = run_stages(stages, stages_dir, out / STATE, opts, progress)
     bundle(out, o, pack.name, owned)
     from surgery.report import write_report

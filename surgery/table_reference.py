@@ -59,18 +59,6 @@ def table_graph_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.nda
     return [out.astype(want)]
 
 
-def request_outputs(source: Path, request: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The output of a table build request (compile/sophgo_graphs.table_request: `gather` or `matmul` of the
-    table file in `source`) on `feeds`: what the net built from it must compute."""
-    t = request["table"]
-    rows = np.memmap(Path(source) / t["file"], dtype={"float32": np.float32, "float16": np.float16,
-                                                      "bfloat16": np.uint16}[t["dtype"]],
-                     mode="r", offset=t.get("offset", 0), shape=tuple(t["shape"]))
-    x = feeds[request["input"]]
-    out = _lookup(rows, x) if request["kind"] == "gather" else _product(rows, x)
-    return [out.reshape(request["out_shape"])]
-
-
 def _lookup(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids).astype(np.int64)
     return _float(rows[ids.reshape(-1)]).reshape(*ids.shape, rows.shape[1])

@@ -111,15 +111,14 @@ def test_compiler_workers_start_early_only_below_7b_tables():
 @pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent: run `surgery toolchain install "
                     "sophgo` (make toolchains)")
 def test_table_graphs_are_built_during_export(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The vocabulary-table graphs start building as export finishes them (lm_head judged as optimize will
-    leave it), and their simulator checks follow; the compile stage finds exactly those builds (one cache
-    entry per graph, none built twice) and those checks in its parity table."""
+    """With checks off, the vocabulary-table graphs start building as export finishes them (lm_head judged as
+    optimize will leave it); the compile stage finds exactly those builds: one cache entry per graph, none
+    built twice. With checks on they are built by the compile stage (compile/sophgo_ahead.py says why)."""
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bm"
     convert(ConvertOptions("qwen2", model, out, seq_length=32, quantize="w8bf16", q_group_size=32, chip="bm1684x",
-                           check="sample"))
-    compiled = json.loads((out / "manifest.json").read_text())["compiled"]
-    details = compiled["details"]
+                           check="none"))
+    details = json.loads((out / "manifest.json").read_text())["compiled"]["details"]
     graphs = list(details["routes"])
     assert len(list((tmp_path / "cache" / "sophgo").glob("*.bmodel"))) == len(graphs)
     tables = {"embedding", "embedding_cache", "lm_head"}
@@ -127,8 +126,3 @@ def test_table_graphs_are_built_during_export(model: Path, tmp_path: Path, monke
     assert tables <= set(details["build_seconds"])  # built by this run,
     assert not any((out / "stages" / "compile" / "work" / g / "seconds.json").exists() for g in tables)  # ahead
     assert not (out / "stages" / "ahead").exists()  # whose scratch is gone
-    rows = {(r["graph"], r["output"]): r["cosine"] for r in compiled["parity"]}
-    assert rows[("embedding", "input_states")] > 0.999 and rows[("embedding_cache", "input_states")] > 0.999
-    assert rows[("lm_head", "m_logits")] > 0.999  # against the table's product: the head optimize will leave
-    assert tables <= set(details["simulate_seconds"]) and any(g.startswith("block_cache") for g, _ in rows)
-    assert not any((out / "stages" / "compile" / "work" / g / "sim_in.npz").exists() for g in tables)  # ahead too
