@@ -186,8 +186,8 @@ def runtime_config(manifest: Manifest, embedding: str) -> dict:
     }
 
 
-def build_config(name: str, graph: GraphSpec, options: AxeraOptions, calib: dict[str, str], samples: int) -> dict:
-    hardware, npu_mode = CHIPS[options.chip]
+def build_config(name: str, hardware: str, npu_mode: str, calib: dict[str, str], samples: int) -> dict:
+    """Pulsar2's build config for one graph: U16 activations, MinMax calibration from `calib`'s Numpy tars."""
     return {
         "input": f"onnx/{name}.onnx",
         "output_dir": f"build/{name}",
@@ -244,7 +244,7 @@ def build_kit(onnx_dir: Path, out: Path, manifest: Manifest, owned: Output, opti
             path = f"calib/{name}.{axera_name}.tar"
             write_calibration(out / path, samples)
             calib[axera_name] = path
-        config = build_config(name, graph, options, calib, len(seen[graph.name]))
+        config = build_config(name, *CHIPS[options.chip], calib, len(seen[graph.name]))
         atomic_write_json(out / "configs" / f"{name}.json", config)
         commands.append(["pulsar2", "build", "--input", config["input"], "--output_dir", config["output_dir"],
                          "--config", f"configs/{name}.json", "--target_hardware", config["target_hardware"]])

@@ -77,30 +77,16 @@ def kit_vision_graph(onnx_dir: Path, graph: GraphSpec, dst: Path) -> None:
 
 
 def vision_build_config(name: str, graph: GraphSpec, hardware: str, npu_mode: str, calib: str, samples: int) -> dict:
-    tensor = graph.inputs[0].name
-    return {
-        "input": f"onnx/{name}.onnx",
-        "output_dir": f"build/{name}",
-        "output_name": f"{name}.axmodel",
-        "model_type": "ONNX",
-        "target_hardware": hardware,
-        "npu_mode": npu_mode,
-        "quant": {
-            "input_configs": [{"tensor_name": tensor, "calibration_dataset": calib, "calibration_format": "Numpy",
-                               "calibration_size": samples}],
-            "layer_configs": [{"start_tensor_names": ["DEFAULT"], "end_tensor_names": ["DEFAULT"],
-                               "data_type": "U16"}],
-            "calibration_method": "MinMax",
-            "precision_analysis": True,
-            "precision_analysis_method": "EndToEnd",
-            "conv_bias_data_type": "FP32",
-            "enable_smooth_quant": True,
-            "disable_auto_refine_scale": True,
-        },
-        # the host feeds the preprocessed float tensor itself: no colour conversion or normalization on the NPU
-        "input_processors": [{"tensor_name": tensor, "src_dtype": "FP32"}],
-        "compiler": {"check": 0},
-    }
+    """The layers' build config (compile/axera.py) with what AXERA-TECH's ViT builds add: smooth quant, FP32
+    conv bias, end-to-end precision analysis. The host feeds the preprocessed float tensor itself: no colour
+    conversion or normalization on the NPU."""
+    from surgery.compile.axera import build_config
+
+    config = build_config(name, hardware, npu_mode, {graph.inputs[0].name: calib}, samples)
+    config["quant"].update({"precision_analysis": True, "precision_analysis_method": "EndToEnd",
+                            "conv_bias_data_type": "FP32", "enable_smooth_quant": True,
+                            "disable_auto_refine_scale": True})
+    return config
 
 
 def vision_kit(onnx_dir: Path, out: Path, manifest: Manifest, hardware: str, npu_mode: str,

@@ -47,3 +47,21 @@ def decode_mnn_linear(raw: bytes, external: list[int], oc: int, ic: int, bits: i
     w = v * alpha[..., -1:] + (alpha[..., :1] if alpha.shape[-1] == 2 else 0)
     bias = np.frombuffer(raw, "<f4", bias_bytes // 4, start + weight_bytes + scale_bytes)
     return w.reshape(oc, ic), bias
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`surgery ARGS...` in this process: (exit code, stdout, stderr), with wide columns for rich's output."""
+    import sys
+
+    from surgery import cli as cli_module
+
+    capsys.readouterr()  # what fixtures printed before the command
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(sys, "argv", ["surgery", *map(str, args)])
+    try:
+        cli_module.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

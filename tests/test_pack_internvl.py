@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from surgery.apply import plan_apply, write_plan
 from surgery.conformance import original_model
@@ -175,19 +175,7 @@ def test_text_only_prompt_equals_the_language_model(ivl):
     assert OnnxModel(ivl["onnx"]).generate(ids, NEW).tokens == _generate(ivl["original"], None, ids)
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from surgery import cli as cli_module
-
-    capsys.readouterr()
-    monkeypatch.setenv("COLUMNS", "400")
-    monkeypatch.setattr(sys, "argv", ["surgery", *map(str, args)])
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_cli = run_cli  # surgery ARGS... in this process
 
 
 def test_run_image_cli_equals_the_model(ivl, monkeypatch, capsys):

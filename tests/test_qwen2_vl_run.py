@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from test_pack_qwen2_vl import _image, original, vl  # noqa: F401  (module fixtures, rebuilt for this module)
 
 from surgery.errors import SurgeryError
@@ -91,19 +91,7 @@ def test_greedy_tokens_equal_transformers_generate(vl, processor, original, phot
     assert model.generate(ids, NEW, media=prepare(model.run, ids, load_image(other), vision)).tokens != got
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from surgery import cli as cli_module
-
-    capsys.readouterr()  # what fixtures printed before the command
-    monkeypatch.setenv("COLUMNS", "400")
-    monkeypatch.setattr(sys, "argv", ["surgery", *map(str, args)])
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_cli = run_cli  # surgery ARGS... in this process
 
 
 def test_run_image_cli_equals_transformers(vl, processor, original, photo, monkeypatch, capsys):  # noqa: F811
