@@ -6,7 +6,7 @@ Convolution between two reshapes (and the NC4HW4 layout conversions MNN's convol
 weights appended to the weight file MNNConvert wrote for the rest of the graph. The storage, as MNN's
 loaders read it (source/core/IDSTEncoder.hpp, ConvolutionCommon.cpp; llmexport writes the same):
 - `external = [offset, weight bytes, scale bytes, bias bytes, 0]` into the weight file;
-- weight bytes: a header (1 byte: 2 dims; [oc, ic] as int16, int32 if either exceeds 65535; the value
+- weight bytes: a header (1 byte: 2 dims; [oc, ic] as uint16, int32 if either exceeds 65535; the value
   map: its length then the int8 values -2^(b-1) .. 2^(b-1)-1, length 0 standing for 256), then each value
   `q + 2^(b-1)` packed `b` bits wide, high bits first, row-major [oc, ic];
 - scales, fp32 per (row, block): symmetric `absmax / (2^(b-1)-1)`; asymmetric pairs `(zero, scale)` with
@@ -67,7 +67,7 @@ def header(oc: int, ic: int, bits: int) -> tuple[bytes, bool]:
     wide = oc > 65535 or ic > 65535
     values = list(range(-(1 << (bits - 1)), 1 << (bits - 1)))
     table = [0 if len(values) == 256 else len(values), *values]
-    dims = np.array([oc, ic], dtype="<i4" if wide else "<i2").tobytes()
+    dims = np.array([oc, ic], dtype="<i4" if wide else "<u2").tobytes()  # MNN reads uint16 (IDSTDecoder)
     return b"\x02" + dims + np.array(table, dtype=np.int8).tobytes(), wide
 
 

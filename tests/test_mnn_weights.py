@@ -35,8 +35,10 @@ def test_values_decode_within_half_a_step(bits: int, symmetric: bool):
 
 def test_header_and_blocks():
     small, wide = header(64, 896, 4)
-    assert small[0] == 2 and np.frombuffer(small[1:5], "<i2").tolist() == [64, 896] and not wide
+    assert small[0] == 2 and np.frombuffer(small[1:5], "<u2").tolist() == [64, 896] and not wide
     assert np.frombuffer(small[5:], np.int8).tolist() == [16, *range(-8, 8)]
+    chatglm, wide = header(65024, 4096, 4)  # past int16: MNN reads the two dims as uint16
+    assert not wide and np.frombuffer(chatglm[1:5], "<u2").tolist() == [65024, 4096]
     big, wide = header(151936, 4096, 8)
     assert wide and np.frombuffer(big[1:9], "<i4").tolist() == [151936, 4096] and big[9] == 0 and len(big) == 266
     assert block_for(4864, 64) == 64 and block_for(100, 64) == 4 and block_for(96, 0) == 96
