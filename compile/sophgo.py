@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,32 +105,24 @@ class SophgoAdapter(Adapter):
                     paths[job.key] = ahead.wait(job) or local.build([job], onnx_dir, work, cache_dir())[0]
             built = [paths[j.key] for j in jobs]
             combined, tmp = out / name, out / f".{name}.tmp"
-            combine = [OSError("not run")]
 
-            def combine_nets() -> None:
-                try:
-                    run_logged(["model_tool", "--combine", *map(str, built), "-o", str(tmp)], work / "combine.log",
-                               "model_tool --combine", cwd=out, env=bin_env("sophgo"))
-                    combine[0] = None
-                except BaseException as exc:  # re-raised in the caller's thread
-                    combine[0] = exc
+            def combine() -> None:
+                run_logged(["model_tool", "--combine", *map(str, built), "-o", str(tmp)], work / "combine.log",
+                           "model_tool --combine", cwd=out, env=bin_env("sophgo"))
 
             # model_tool --combine holds the whole bmodel (1.8x its size: 5.3 GB at Qwen-7B x 4 layers): at a 7B
             # table it runs after the checks, once the workers are gone; below, beside them
             big = any(big_table(j) for j in jobs)
-            beside = None if big else threading.Thread(target=combine_nets, daemon=True)
-            if beside:
-                beside.start()
-            seconds: dict[str, float] = {}
-            rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
-                            sampled(manifest, options.check, costly=True), manifest.vocab_size, work, seconds,
-                            heavy={j.name for j in jobs if big_table(j)})
-            if beside:
-                beside.join()
+            with ThreadPoolExecutor(1) as beside:
+                combining = None if big else beside.submit(combine)
+                seconds: dict[str, float] = {}
+                rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
+                                sampled(manifest, options.check, costly=True), manifest.vocab_size, work, seconds,
+                                heavy={j.name for j in jobs if big_table(j)})
+                if combining:
+                    combining.result()  # its error, if any, here
         if big:
-            combine_nets()
-        if combine[0] is not None:
-            raise combine[0]
+            combine()
         os.replace(tmp, combined)
         copy_host_files(onnx_dir, out, manifest)
         digest = sha256_file(combined)

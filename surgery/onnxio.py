@@ -260,7 +260,7 @@ def ort_session(path: Path, prepack: bool = False):
     opts.log_severity_level = 3
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
-        # a one-shot check runs beside compiler workers (convert builds tables during export and optimize):
+        # a one-shot check may run beside compiler workers (the compile stage's checks, while they simulate):
         # threads that spin between ops take the cores those need; waiting threads sleep instead
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
