@@ -80,10 +80,33 @@ def table_request(onnx_dir: Path, graph: GraphSpec, weight_type: str, norm_moves
     dtypes = {1: "float32", 10: "float16", 16: "bfloat16"}
     if table.data_type not in dtypes:
         return None
-    return {"kind": kind, "weight_type": weight_type, "input": graph.inputs[0].name, "output": graph.outputs[0].name,
-            "in_shape": graph.inputs[0].shape, "out_shape": graph.outputs[0].shape,
-            "table": {"file": info["location"], "offset": int(info.get("offset", 0)),
-                      "dtype": dtypes[table.data_type], "shape": list(table.dims)}}
+    request = {"kind": kind, "weight_type": weight_type, "input": graph.inputs[0].name,
+               "output": graph.outputs[0].name, "in_shape": graph.inputs[0].shape, "out_shape": graph.outputs[0].shape,
+               "table": {"file": info["location"], "offset": int(info.get("offset", 0)),
+                         "dtype": dtypes[table.data_type], "shape": list(table.dims)}}
+    split = table_split(list(table.dims), weight_type, kind)
+    return {**request, "split": split} if split else request
+
+
+# a table larger than this goes to the compiler in parts of at most PART_BYTES (compile/tpumlir_tables.py: the
+# deploy's peak is about four copies of its largest weight tensor); smaller tables stay whole, as before
+SPLIT_BYTES = 512 << 20
+PART_BYTES = 320 << 20
+
+
+def table_split(shape: list[int], weight_type: str, kind: str) -> dict | None:
+    """How a table is cut for the compiler: a lookup by columns, a product by rows (both exact)."""
+    size = shape[0] * shape[1] * (4 if weight_type == "F32" else 2)
+    if size <= SPLIT_BYTES:
+        return None
+    return {"axis": "cols" if kind == "gather" else "rows", "parts": -(-size // PART_BYTES)}
+
+
+def table_npz(job: GraphJob) -> str:
+    """The name of a table's weight file in the compiler's form, shared by the graphs that cut it alike."""
+    split = job.table.get("split")
+    cut = f".{split['axis']}{split['parts']}" if split else ""
+    return f"{job.table['table']['file']}.{job.table['weight_type']}{cut}.npz"
 
 
 @dataclass(frozen=True)
@@ -157,7 +180,7 @@ def build(worker: TpuMlirWorker, job: GraphJob, source: Path, work: Path, cache:
     mlir, bmodel, log = gdir / f"{job.name}.mlir", gdir / f"{job.name}.bmodel", gdir / "compile.log"
     if job.table:
         table = {**job.table["table"], "file": str(source / job.table["table"]["file"])}
-        npz = work / "tables" / f"{job.table['table']['file']}.{job.table['weight_type']}.npz"
+        npz = work / "tables" / table_npz(job)
         npz.parent.mkdir(parents=True, exist_ok=True)
         with _lock(npz):  # the first of the table's graphs writes its weight file, the others wait and reuse it
             worker.call("table", f"building graph {job.name} from its table", log, workdir=gdir, name=job.name,

@@ -79,8 +79,9 @@ def prewarm(count: int) -> None:
 class WorkerPool:
     """`jobs` workers started on first use; `map` runs a function over items, each call with a free worker."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, start: Callable[[], TpuMlirWorker] = TpuMlirWorker) -> None:
         self.jobs = max(1, jobs)
+        self.start = start  # how a worker starts (tests pass a stand-in)
         self.free: queue.Queue[TpuMlirWorker] = queue.Queue()
         self.started: list[TpuMlirWorker] = []
         self.lock = threading.Lock()  # `map` may run in several threads at once (compile/sophgo_ahead.py)
@@ -98,7 +99,7 @@ class WorkerPool:
                     worker = _WARM.get_nowait()  # one `prewarm` started
                 except queue.Empty:
                     try:
-                        worker = TpuMlirWorker()
+                        worker = self.start()
                     except BaseException:
                         with self.lock:
                             self.started.remove(None)
@@ -112,43 +113,48 @@ class WorkerPool:
             cost: Callable[[T], float] | None = None, exclusive: Callable[[T], bool] | None = None) -> list[R]:
         """`fn` over `items` on the workers, results in the items' order. With `cost`, the dearest items start
         first: a long job started last would leave the other workers idle while it runs alone. Items
-        `exclusive` says yes to never run two at a time (at 7B a vocabulary-table build holds GBs): a free
-        worker takes the dearest item it may run, so the others keep working meanwhile."""
+        `exclusive` says yes to (at 7B a vocabulary-table build or check holds GBs) run alone: one waits for
+        the items in flight to finish, nothing starts beside it, and the idle workers exit meanwhile (a worker
+        holds 0.6 GB doing nothing; a new one starts in seconds when work comes back)."""
         items = list(items)
         pending = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
         alone = [bool(exclusive and exclusive(item)) for item in items]
         results: dict[int, R] = {}
         errors: list[BaseException] = []
         state = threading.Condition()
-        busy = [False]  # an exclusive item is running
+        running: list[int] = []  # items in flight
+
+        def pick() -> int | None:
+            """In order (dearest first): an exclusive item waits for the others to finish, and holds back
+            everything after it until it is done."""
+            if not pending or any(alone[i] for i in running):
+                return None
+            return None if alone[pending[0]] and running else pending[0]
 
         def next_item() -> int | None:
             with state:
                 while pending and not errors:
-                    i = next((i for i in pending if not (alone[i] and busy[0])), None)
-                    if i is not None:
+                    if (i := pick()) is not None:
                         pending.remove(i)
-                        busy[0] = busy[0] or alone[i]
+                        running.append(i)
                         return i
                     state.wait()
                 return None
 
         def loop() -> None:
-            worker = None
-            try:
-                while (i := next_item()) is not None:
-                    worker = worker or self._take()
-                    try:
-                        results[i] = fn(worker, items[i])
-                    except BaseException as exc:  # re-raised below, in the caller's thread
-                        errors.append(exc)
-                    finally:
-                        with state:
-                            busy[0] = busy[0] and not alone[i]
-                            state.notify_all()
-            finally:
-                if worker is not None:
+            while (i := next_item()) is not None:
+                worker = self._take()  # a worker per item, handed back before the item counts as done,
+                if alone[i]:  # so all the others are idle here, and exit
+                    self._retire_idle()
+                try:
+                    results[i] = fn(worker, items[i])
+                except BaseException as exc:  # re-raised below, in the caller's thread
+                    errors.append(exc)
+                finally:
                     self.free.put(worker)
+                    with state:
+                        running.remove(i)
+                        state.notify_all()
 
         threads = [threading.Thread(target=loop, daemon=True) for _ in range(min(self.jobs, len(items)))]
         for thread in threads:
@@ -158,6 +164,20 @@ class WorkerPool:
         if errors:
             raise errors[0]
         return [results[i] for i in range(len(items))]
+
+    def _retire_idle(self) -> None:
+        """Stop the workers no thread holds (left by an earlier `map`)."""
+        while True:
+            try:
+                self._retire(self.free.get_nowait())
+            except queue.Empty:
+                return
+
+    def _retire(self, worker: TpuMlirWorker) -> None:
+        """Stop an idle worker; `_take` starts a new one when needed."""
+        with self.lock:
+            self.started.remove(worker)
+        worker.close()
 
     def close(self) -> None:
         for worker in self.started:

@@ -66,35 +66,54 @@ def test_ray_executor_matches_the_local_pool(tmp_path: Path, monkeypatch: pytest
         ray.shutdown()
 
 
-def test_pool_runs_exclusive_items_one_at_a_time_and_the_rest_beside_them():
-    """At 7B a vocabulary-table build holds GBs: two at once took compile past 9 GB. `exclusive` items never
-    overlap, while the other worker keeps taking the rest; results stay in the items' order."""
+def test_pool_runs_exclusive_items_alone_with_the_idle_workers_stopped():
+    """At 7B a vocabulary-table build holds GBs: beside anything else it took compile past 6 GB. An
+    `exclusive` item waits for the items in flight, nothing starts beside it, and the idle workers exit
+    while it runs (new ones start after); the other items run two at a time; results keep the items' order."""
     import threading
     import time
 
     from surgery.compile.tpumlir import WorkerPool
 
-    pool = WorkerPool(2)
-    pool.started = ["w1", "w2"]  # stand-in workers: fn below never talks to a compiler
-    for worker in pool.started:
-        pool.free.put(worker)
-    lock, running, seen = threading.Lock(), {"table": 0, "all": 0}, {"table": 0, "all": 0}
+    lock, live, log = threading.Lock(), set(), []
 
-    def fn(worker: str, item: str) -> str:
+    class Worker:  # a stand-in: fn below never talks to a compiler
+        count = 0
+
+        def __init__(self) -> None:
+            with lock:
+                Worker.count += 1
+                self.name = f"w{Worker.count}"
+                live.add(self.name)
+
+        def close(self) -> None:
+            with lock:
+                live.discard(self.name)
+
+    running: list[str] = []
+
+    def fn(worker: Worker, item: str) -> str:
         with lock:
-            for key in ("all", *(["table"] if item.startswith("table") else [])):
-                running[key] += 1
-                seen[key] = max(seen[key], running[key])
+            running.append(item)
+            log.append((item, sorted(running), sorted(live)))
         time.sleep(0.05)
         with lock:
-            for key in ("all", *(["table"] if item.startswith("table") else [])):
-                running[key] -= 1
-        return f"{item}@{worker}"
+            running.remove(item)
+        return f"{item}@{worker.name}"
 
-    items = ["table0", "table1", "table2", "block0", "block1", "block2", "block3"]
-    out = pool.map(fn, items, cost=lambda i: 9 if i.startswith("table") else 1,
-                   exclusive=lambda i: i.startswith("table"))
+    pool = WorkerPool(2, start=Worker)
+    items = ["block0", "table0", "block1", "block2", "table1", "block3", "block4"]
+    cost = {"table0": 9, "block0": 8, "block1": 7, "table1": 5}  # a table between pairs of blocks
+    out = pool.map(fn, items, cost=lambda i: cost.get(i, 1), exclusive=lambda i: i.startswith("table"))
     assert [o.split("@")[0] for o in out] == items
-    assert seen == {"table": 1, "all": 2}
+    assert [item for item, _, _ in log][:4] == ["table0", "block0", "block1", "table1"] or \
+        [item for item, _, _ in log][:4] == ["table0", "block1", "block0", "table1"]
+    assert Worker.count >= 3  # one stopped for table1, a new one started for the blocks after it
+    for item, beside, workers in log:
+        if item.startswith("table"):
+            assert beside == [item] and len(workers) == 1, (item, beside, workers)  # alone, the idle one gone
+    assert max(len(beside) for item, beside, _ in log if item.startswith("block")) == 2  # the rest in pairs
     with pytest.raises(ValueError, match="boom"):
         pool.map(lambda w, i: (_ for _ in ()).throw(ValueError("boom")) if i == 2 else i, [1, 2, 3])
+    pool.close()
+    assert not live
