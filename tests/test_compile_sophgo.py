@@ -196,3 +196,60 @@ def test_sample_on_a_simulator_runs_three_layers():
     assert [g.layer for g in costly if g.kind == "block_cache"] == [0, 4, 7]
     assert {g.kind for g in costly} == {"embedding", "embedding_cache", "block_cache", "lm_head"}
     assert sampled(manifest, "all", costly=True) == graphs and sampled(manifest, "none") == []
+
+
+@needs_tpu_mlir
+def test_workaround_packed_projection_window_reproduced_and_avoided(tmp_path: Path):
+    """A decode block built with --quant_output and --addr_mode io_alone returns zeros for an output that is
+    an in-place window into a packed projection (Baichuan's W_pack -> v -> past_v; found at Baichuan2-7B's
+    shape); packed_projection gives each part its own MatMul and the output comes back."""
+    import numpy as np
+
+    from surgery.compile.tpumlir import TpuMlirWorker
+    from surgery.parity import compare
+    from surgery.passes.testing import export, run
+
+    hidden = 128
+
+    class Block(torch.nn.Module):  # Baichuan's attention input, and past_v both returned and read
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.W_pack = torch.nn.Linear(hidden, 3 * hidden, bias=False)
+            self.o_proj = torch.nn.Linear(hidden, hidden, bias=False)
+
+        def forward(self, x: torch.Tensor, history_v: torch.Tensor):
+            proj = self.W_pack(x).unflatten(-1, (3, hidden)).unsqueeze(0).transpose(0, -2).squeeze(-2)
+            q, k, v = proj[0], proj[1], proj[2]
+            past_v = v.reshape(1, 1, 2, hidden // 2)
+            values = torch.cat([history_v, past_v], dim=1).reshape(1, 5, hidden)
+            weights = torch.softmax((q * k).sum(-1, keepdim=True).expand(1, 5, 1), dim=1)
+            return self.o_proj((values * weights).sum(1, keepdim=True)) + x, past_v
+
+    feeds = {"input_states": torch.randn(1, 1, hidden), "history_v": torch.randn(1, 4, 2, hidden // 2)}
+    model = run_pass(export(Block(), *feeds.values(), names=list(feeds)), PASSES["slim"])[0]
+    feeds = {k: v.numpy() for k, v in feeds.items()}
+    worker = TpuMlirWorker()
+    try:
+        def past_v_cosine(m: onnx.ModelProto, name: str) -> float:
+            gdir = tmp_path / name
+            gdir.mkdir()
+            onnx.save(m, gdir / f"{name}.onnx")
+            worker.call("transform", "transform", gdir / "log", workdir=gdir, name=name, onnx=gdir / f"{name}.onnx",
+                        shapes=[list(x.shape) for x in feeds.values()], extra=[])
+            worker.call("deploy", "deploy", gdir / "log", workdir=gdir, args=[
+                "--mlir", str(gdir / f"{name}.mlir"), "--quantize", "W4BF16", "--q_group_size", "64",
+                "--quant_input", "--quant_output", "--addr_mode", "io_alone", "--chip", "bm1684x",
+                "--model", str(gdir / f"{name}.bmodel")])
+            np.savez(gdir / "in.npz", **feeds)
+            worker.call("simulate", "simulate", gdir / "log", bmodel=gdir / f"{name}.bmodel", net=name,
+                        inputs=gdir / "in.npz", outputs=gdir / "out.npz")
+            got = np.load(gdir / "out.npz")
+            want = run(m, feeds)[1]
+            return compare(name, "past_v", got[got.files[1]].reshape(want.shape), want).cosine
+
+        assert past_v_cosine(model, "packed") < 0.5  # zeros, or nothing like v
+        fixed, sites = run_pass(model, PASSES["packed_projection"])
+        assert sites == 1 and past_v_cosine(fixed, "split") > 0.99
+    finally:
+        worker.close()

@@ -7,7 +7,8 @@ OPSET17 = ["opset17", *CLEANUP, "rotate_half", "rmsnorm17", "mask_constant", "in
 # TPU-MLIR: no rotate_half. Its +-1 matrix becomes a weight that W4/W8 modes quantize, and one the compiler
 # places differently in a layer's prefill and decode nets, so their weights stop being byte-identical and
 # `model_tool --combine` stores each layer twice (measured: 1.11x llm_convert's device memory, 1.00x without).
-TPU_MLIR = ["opset17", *CLEANUP, "rmsnorm17", "mask_constant", "int32_inputs", "argmax_pad", "slim"]
+TPU_MLIR = ["opset17", *CLEANUP, "packed_projection", "rmsnorm17", "mask_constant", "int32_inputs", "argmax_pad",
+            "slim"]
 
 # LLM-TPU's layout: the final norm at the end of the last layer's blocks, lm_head a bare table product
 LLM_TPU = {"final_norm": "last_block"}

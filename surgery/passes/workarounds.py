@@ -26,6 +26,11 @@ WORKAROUNDS = [
                "model_deploy fails in codegen (nodechip_arg_parallel.c mem_check) for an ArgMax over some "
                "vocabulary sizes (32001, MiniCPM-2B's 122753)", "argmax_pad",
                "tests/test_compile_sophgo.py::test_workaround_argmax_vocabulary_reproduced_and_avoided"),
+    Workaround("tpu-mlir-io-alone-window", "tpu-mlir", "1.30.2 (measured)",
+               "a decode block deployed with --quant_output and --addr_mode io_alone returns zeros for an output "
+               "that is an in-place window into a packed projection (Baichuan2-7B's past_v: cosine 0.0)",
+               "packed_projection",
+               "tests/test_compile_sophgo.py::test_workaround_packed_projection_window_reproduced_and_avoided"),
     Workaround("half-precision-mask-overflow", "any fp16/bf16 backend (TPU-MLIR F16/BF16, MNN fp16)", "all",
                "NaN or garbage tokens: finfo(float32).min mask constants overflow half precision",
                "mask_constant", "surgery/passes/mask_constant_test.py"),
