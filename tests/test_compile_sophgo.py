@@ -131,6 +131,18 @@ def test_workaround_opset18_reducemean_reproduced_and_avoided(tmp_path: Path):
     assert after.returncode == 0, after.stdout[-2000:]
 
 
+def build_net(worker, gdir: Path, model: onnx.ModelProto, shapes: list[list[int]], flags: list[str]) -> Path:
+    """model_transform and model_deploy of one small graph for bm1684x, as the adapter runs them."""
+    name = gdir.name
+    gdir.mkdir()
+    onnx.save(model, gdir / f"{name}.onnx")
+    worker.call("transform", "transform", gdir / "log", workdir=gdir, name=name, onnx=gdir / f"{name}.onnx",
+                shapes=shapes, extra=[])
+    worker.call("deploy", "deploy", gdir / "log", workdir=gdir, args=[
+        "--mlir", str(gdir / f"{name}.mlir"), *flags, "--chip", "bm1684x", "--model", str(gdir / f"{name}.bmodel")])
+    return gdir / f"{name}.bmodel"
+
+
 @needs_tpu_mlir
 def test_workaround_argmax_vocabulary_reproduced_and_avoided(tmp_path: Path):
     """TPU-MLIR cannot generate an ArgMax over a 32001 vocabulary (MiniCPM-2B's 122753 likewise); the
@@ -149,15 +161,7 @@ def test_workaround_argmax_vocabulary_reproduced_and_avoided(tmp_path: Path):
     worker = TpuMlirWorker()
     try:
         def build(m: onnx.ModelProto, name: str) -> Path:
-            gdir = tmp_path / name
-            gdir.mkdir()
-            onnx.save(m, gdir / f"{name}.onnx")
-            worker.call("transform", "transform", gdir / "log", workdir=gdir, name=name, onnx=gdir / f"{name}.onnx",
-                        shapes=[[1, vocab]], extra=[])
-            worker.call("deploy", "deploy", gdir / "log", workdir=gdir, args=[
-                "--mlir", str(gdir / f"{name}.mlir"), "--quantize", "F32", "--chip", "bm1684x",
-                "--model", str(gdir / f"{name}.bmodel")])
-            return gdir / f"{name}.bmodel"
+            return build_net(worker, tmp_path / name, m, [[1, vocab]], ["--quantize", "F32"])
 
         with pytest.raises(SurgeryError, match="deploy failed"):
             build(model, "plain")
@@ -233,14 +237,9 @@ def test_workaround_packed_projection_window_reproduced_and_avoided(tmp_path: Pa
     try:
         def past_v_cosine(m: onnx.ModelProto, name: str) -> float:
             gdir = tmp_path / name
-            gdir.mkdir()
-            onnx.save(m, gdir / f"{name}.onnx")
-            worker.call("transform", "transform", gdir / "log", workdir=gdir, name=name, onnx=gdir / f"{name}.onnx",
-                        shapes=[list(x.shape) for x in feeds.values()], extra=[])
-            worker.call("deploy", "deploy", gdir / "log", workdir=gdir, args=[
-                "--mlir", str(gdir / f"{name}.mlir"), "--quantize", "W4BF16", "--q_group_size", "64",
-                "--quant_input", "--quant_output", "--addr_mode", "io_alone", "--chip", "bm1684x",
-                "--model", str(gdir / f"{name}.bmodel")])
+            build_net(worker, gdir, m, [list(x.shape) for x in feeds.values()],
+                      ["--quantize", "W4BF16", "--q_group_size", "64", "--quant_input", "--quant_output",
+                       "--addr_mode", "io_alone"])
             np.savez(gdir / "in.npz", **feeds)
             worker.call("simulate", "simulate", gdir / "log", bmodel=gdir / f"{name}.bmodel", net=name,
                         inputs=gdir / "in.npz", outputs=gdir / "out.npz")
