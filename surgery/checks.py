@@ -12,6 +12,7 @@ and optimize.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -25,6 +26,9 @@ from surgery.table_reference import table_graph_outputs
 LEVELS = ("none", "sample", "all")
 WEIGHTLESS = ("greedy_head", "sample_head")
 DELTA = "hidden_states - input_states"
+# one onnxruntime reference at a time per process: checks run on two threads (one per compiler worker), and
+# at 7B each reference maps a block's fp32 weights (0.8 GB) beside its working buffers
+REFERENCE = threading.Lock()
 
 
 def sampled(manifest: Manifest, level: str, costly: bool = False) -> list[GraphSpec]:
@@ -58,7 +62,9 @@ def check_graph(onnx_dir, graph: GraphSpec, vocab: int,
     want = None
     if graph.kind in ("embedding", "embedding_cache", "lm_head"):  # from the table on disk, a slice at a time
         want = table_graph_outputs(onnx_dir / graph.file, feeds)
-    want = want if want is not None else run_once(onnx_dir / graph.file, feeds)
+    if want is None:
+        with REFERENCE:
+            want = run_once(onnx_dir / graph.file, feeds)
     got = run_compiled(graph, feeds)
     rows = []
     for spec, g, w in zip(graph.outputs, got, want, strict=True):
