@@ -6,8 +6,9 @@ with constant indices. TPU-MLIR 1.30.2 compiles every one of those views in plac
 at an offset inside the MatMul's buffer; a decode block deployed with `--addr_mode io_alone` and
 `--quant_output` then returns zeros for an output that is such a window (Baichuan2-7B's `past_v`: cosine
 0.0 on the simulator; tests/test_compile_sophgo.py reproduces it). Here each Gather becomes its own MatMul
-on the columns it reads, reshaped to the Gather's output: exact, the layout LLM-TPU's own converter writes
-(separate q, k and v weights), and the packed weight is gone once nothing reads it whole.
+on a Slice of the columns it reads, reshaped to the Gather's output: exact, and once slim or the compiler
+folds the Slices, the layout LLM-TPU's own converter writes (separate q, k and v weights). The weight is
+sliced in the graph, not here: optimize hands passes sealed weights (graph inputs) and never loads them.
 
 Which columns a Gather reads is not guessed from the view ops' meaning: the chain is replayed in numpy on
 an array of element positions, and the rewrite happens only if the result is exactly a column slice of the
@@ -90,7 +91,9 @@ def packed_projection(graph: gs.Graph) -> int:
     sites = 0
     for matmul in [n for n in graph.nodes if n.op == "MatMul"]:
         weight, out = matmul.inputs[1], matmul.outputs[0]
-        if not isinstance(weight, gs.Constant) or len(weight.shape) != 2 or len(out.outputs) != 1:
+        # a weight: a constant, or (surgery/optimize.py seals external weights) a graph input
+        if not (isinstance(weight, gs.Constant) or weight in graph.inputs) or len(weight.shape or ()) != 2 \
+                or not isinstance(weight.shape[1], int) or len(out.outputs) != 1:
             continue
         first = out.outputs[0]  # a Reshape to a constant shape says how many elements the output has
         shape = _const(first, 1, "shape") if first.op == "Reshape" else None
@@ -114,13 +117,15 @@ def packed_projection(graph: gs.Graph) -> int:
             continue
         for gather, start, width, picked_shape in plans:
             name = gather.outputs[0].name
-            part = gs.Constant(f"{weight.name}[:, {start}:{start + width}]",
-                               np.ascontiguousarray(weight.values[:, start:start + width]))
+            part = gs.Variable(f"{name}_weight", dtype=weight.dtype)  # the columns, folded by slim / the compiler
+            cut = [gs.Constant(f"{name}_{k}", np.array([v], dtype=np.int64))
+                   for k, v in (("starts", start), ("ends", start + width), ("axes", 1))]
             product = gs.Variable(f"{name}_projection", dtype=out.dtype)
             target = gs.Constant(f"{name}_shape", np.array(picked_shape, dtype=np.int64))
             result = gather.outputs[0]
             gather.outputs = []
-            graph.nodes += [gs.Node("MatMul", inputs=[matmul.inputs[0], part], outputs=[product]),
+            graph.nodes += [gs.Node("Slice", inputs=[weight, *cut], outputs=[part]),
+                            gs.Node("MatMul", inputs=[matmul.inputs[0], part], outputs=[product]),
                             gs.Node("Reshape", inputs=[product, target], outputs=[result])]
         sites += 1
     return sites

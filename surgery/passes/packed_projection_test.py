@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from surgery.passes import PASSES, run_pass
-from surgery.passes.testing import apply_checked, export, ops
+from surgery.passes.testing import apply_checked, export, feeds_for, ops, run
 
 HIDDEN = 16
 
@@ -34,8 +34,10 @@ def test_each_part_becomes_its_own_projection_exactly():
     assert ops(model).count("MatMul") == 1 and "Gather" in ops(model)
     out, sites = apply_checked(model, "packed_projection", min_cosine=0.9999999)
     assert sites == 1 and ops(out).count("MatMul") == 3 and "Gather" not in ops(out)
-    weights = {tuple(t.dims) for t in out.graph.initializer if len(t.dims) == 2}
-    assert weights == {(HIDDEN, HIDDEN)}  # the packed [16, 48] weight is gone
+    assert np.array_equal(np.concatenate(run(out, feeds_for(out))[:1]), run(model, feeds_for(model))[0])
+    folded = run_pass(out, PASSES["slim"])[0]  # the column slices of the weight become weights of their own
+    weights = {tuple(t.dims) for t in folded.graph.initializer if len(t.dims) == 2}
+    assert weights == {(HIDDEN, HIDDEN)} and "Slice" not in ops(folded)
 
 
 def test_left_alone_when_the_packed_output_is_read_whole():
@@ -57,3 +59,20 @@ def test_left_alone_when_a_gather_is_not_a_column_slice():
     assert ops(model).count("Gather") == 2 and "Reshape" in ops(model)
     out, sites = run_pass(model, PASSES["packed_projection"])
     assert sites == 0 and np.array_equal(out.SerializeToString(), model.SerializeToString())
+
+
+def test_a_sealed_weight_is_sliced_in_the_graph():
+    """optimize seals external weights into graph inputs; the pass slices them there, never reading them."""
+    from surgery.onnxio import seal
+
+    model = slimmed(Packed(), torch.randn(1, 5, HIDDEN))
+    onnx_model = model
+    for t in onnx_model.graph.initializer:  # as if the weights lived in a data file
+        if len(t.dims) == 2:
+            t.data_location = 1
+            del t.external_data[:]
+            t.external_data.add(key="location", value="w.data")
+    seal(onnx_model)
+    assert any(len(i.type.tensor_type.shape.dim) == 2 for i in onnx_model.graph.input)
+    out, sites = run_pass(onnx_model, PASSES["packed_projection"])
+    assert sites == 1 and ops(out).count("Slice") == 3 and ops(out).count("MatMul") == 3
