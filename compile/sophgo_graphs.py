@@ -89,7 +89,7 @@ def table_request(onnx_dir: Path, graph: GraphSpec, weight_type: str, norm_moves
 
 
 # a table larger than this goes to the compiler in parts of at most PART_BYTES (compile/tpumlir_tables.py: the
-# deploy's peak is about four copies of its largest weight tensor); smaller tables stay whole, as before
+# deploy's codegen holds one more copy of its largest weight tensor); smaller tables stay whole, as before
 SPLIT_BYTES = 512 << 20
 PART_BYTES = 320 << 20
 

@@ -4,8 +4,8 @@ shared weight file per table and float type, so `model_tool --combine` stores th
 `llm_convert` does) and the ONNX route's copies of the table never exist.
 
 A large table (a 7B model's: 1.2 GB in bf16) goes to the compiler in parts (`split` in the request, decided
-by compile/sophgo_graphs.table_split): TPU-MLIR's deploy holds about four copies of every weight tensor at
-once, and the largest tensor sets its peak (5.0 GB for one whole 7B table, 3.8 GB for four quarters). A
+by compile/sophgo_graphs.table_split): TPU-MLIR's codegen holds about three copies of the weights plus one
+more of the largest tensor (5.0 GB for one whole 7B table, 3.8 GB for four quarters; eight gain nothing more). A
 lookup splits the table's columns (each part gathered by the same ids, then concatenated), a product its
 rows (each part's logits concatenated): both exact, and neither does arithmetic on the ids, which the
 compiler's float modes would round.
@@ -57,7 +57,7 @@ def _table_npz(r):
     t = r["table"]
     stored = np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[t["dtype"]])
     out = np.dtype(np.uint16 if r["weight_type"] in ("BF16", "F16") else np.float32)
-    vocab, hidden = t["shape"]
+    hidden = t["shape"][1]
     tmp = f"{r['npz']}.{os.getpid()}.tmp"  # two workers may build the same table at once
     step = max(1, (64 << 20) // (hidden * stored.itemsize))
     with open(t["file"], "rb") as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
