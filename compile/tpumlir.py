@@ -96,6 +96,8 @@ class WorkerPool:
                     self.started.append(None)  # a slot, filled below
             if start:
                 try:
+                    if self.start is not TpuMlirWorker:  # a stand-in pool never takes a real prewarmed worker
+                        raise queue.Empty
                     worker = _WARM.get_nowait()  # one `prewarm` started
                 except queue.Empty:
                     try:
