@@ -76,10 +76,18 @@ def prewarm(count: int) -> None:
         threading.Thread(target=start, daemon=True).start()
 
 
+def warm_or_new() -> TpuMlirWorker:
+    """A worker `prewarm` started, if one is ready, else a new one."""
+    try:
+        return _WARM.get_nowait()
+    except queue.Empty:
+        return TpuMlirWorker()
+
+
 class WorkerPool:
     """`jobs` workers started on first use; `map` runs a function over items, each call with a free worker."""
 
-    def __init__(self, jobs: int, start: Callable[[], TpuMlirWorker] = TpuMlirWorker) -> None:
+    def __init__(self, jobs: int, start: Callable[[], TpuMlirWorker] = warm_or_new) -> None:
         self.jobs = max(1, jobs)
         self.start = start  # how a worker starts (tests pass a stand-in)
         self.free: queue.Queue[TpuMlirWorker] = queue.Queue()
@@ -96,16 +104,11 @@ class WorkerPool:
                     self.started.append(None)  # a slot, filled below
             if start:
                 try:
-                    if self.start is not TpuMlirWorker:  # a stand-in pool never takes a real prewarmed worker
-                        raise queue.Empty
-                    worker = _WARM.get_nowait()  # one `prewarm` started
-                except queue.Empty:
-                    try:
-                        worker = self.start()
-                    except BaseException:
-                        with self.lock:
-                            self.started.remove(None)
-                        raise
+                    worker = self.start()
+                except BaseException:
+                    with self.lock:
+                        self.started.remove(None)
+                    raise
                 with self.lock:
                     self.started[self.started.index(None)] = worker
                 return worker
