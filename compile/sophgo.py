@@ -1,6 +1,7 @@
 """Sophgo adapter: every graph through TPU-MLIR with the flags people use for its kind, on long-lived compiler
 workers (or spread over a Ray cluster, compile/executors.py), checked on the compiler's CPU simulator against
-onnxruntime, then `model_tool --combine` into the one bmodel LLM-TPU's runtime loads.
+onnxruntime, then combined into the one bmodel LLM-TPU's runtime loads (`model_tool --combine`'s bytes in
+bounded memory: compile/bmodel_combine.py).
 
 Graphs that are only a vocabulary-table lookup or product (`embedding`, `embedding_cache`, and `lm_head`
 once `surgery optimize` moved the final norm into the last block) are built straight from the table in the
@@ -19,11 +20,11 @@ from pathlib import Path
 
 from surgery.checks import DELTA, sampled
 from surgery.compile.base import Adapter, CompileOptions, copy_host_files, finish, prepare
-from surgery.compile.logged import run_logged
+from surgery.compile.bmodel_combine import combine
 from surgery.compile.sophgo_ahead import BuildAhead
 from surgery.compile.sophgo_check import simulate
 from surgery.compile.sophgo_graphs import QUANTS, float_mode, plan_job
-from surgery.compile.toolchains import bin_env, home, installed
+from surgery.compile.toolchains import home, installed
 from surgery.compile.tpumlir import WorkerPool
 from surgery.fsutil import sha256_file
 from surgery.manifest import Compiled, Manifest
@@ -107,23 +108,14 @@ class SophgoAdapter(Adapter):
             built = [paths[j.key] for j in jobs]
             combined, tmp = out / name, out / f".{name}.tmp"
 
-            def combine() -> None:
-                run_logged(["model_tool", "--combine", *map(str, built), "-o", str(tmp)], work / "combine.log",
-                           "model_tool --combine", cwd=out, env=bin_env("sophgo"))
-
-            # model_tool --combine holds the whole bmodel (1.8x its size: 5.3 GB at Qwen-7B x 4 layers): at a 7B
-            # table it runs after the checks, once the workers are gone; below, beside them
-            big = any(big_table(j) for j in jobs)
+            # beside the checks: the combine holds flatbuffers, not the nets (bmodel_combine.py)
             with ThreadPoolExecutor(1) as beside:
-                combining = None if big else beside.submit(combine)
+                combining = beside.submit(combine, built, tmp, work / "combine")
                 seconds: dict[str, float] = {}
                 rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
                                 sampled(manifest, options.check, costly=True), manifest.vocab_size, work, seconds,
                                 heavy={j.name for j in jobs if big_table(j)})
-                if combining:
-                    combining.result()  # its error, if any, here
-        if big:
-            combine()
+                combining.result()  # its error, if any, here
         os.replace(tmp, combined)
         copy_host_files(onnx_dir, out, manifest)
         digest = sha256_file(combined)
