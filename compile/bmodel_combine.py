@@ -121,7 +121,18 @@ def aligned(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
-def copy_range(src: Path, offset: int, size: int, dst) -> None:
+class HashingWriter:
+    """A file written and hashed at once: the combined bmodel's sha256 without reading its GBs back."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+
+
+def copy_range(src: Path, offset: int, size: int, dst: HashingWriter) -> None:
     with open(src, "rb") as fh:
         fh.seek(offset)
         left = size
@@ -133,9 +144,9 @@ def copy_range(src: Path, offset: int, size: int, dst) -> None:
             left -= len(block)
 
 
-def combine(inputs: list[Path], out: Path, work: Path) -> None:
-    """Combine `inputs` into `out` as `model_tool --combine` would, holding only flatbuffers in memory.
-    `work` holds the stand-ins and the tool's log."""
+def combine(inputs: list[Path], out: Path, work: Path) -> str:
+    """Combine `inputs` into `out` as `model_tool --combine` would, holding only flatbuffers in memory;
+    return the sha256 of what was written. `work` holds the stand-ins and the tool's log."""
     work.mkdir(parents=True, exist_ok=True)
     sources: dict[bytes, Source] = {}
     stand_ins = []
@@ -159,7 +170,8 @@ def combine(inputs: list[Path], out: Path, work: Path) -> None:
             raise SurgeryError(f"model_tool --combine points a binary at {start}+{size}, between stand-ins; "
                                "this TPU-MLIR version's bmodel layout is not one this combine knows")
         Binary.pack_into(fb, slot.pos, offsets[start], placed[start].size if size else 0)
-    with open(out, "wb") as fh:
+    with open(out, "wb") as raw:
+        fh = HashingWriter(raw)
         fh.write(HEADER.pack(MAGIC, HEADER.size, len(fb), offsets[len(section)]))
         fh.write(fb)
         for at in range(0, len(section), ALIGN):
@@ -167,3 +179,4 @@ def combine(inputs: list[Path], out: Path, work: Path) -> None:
             fh.write(bytes(aligned(placed[at].size) - placed[at].size))
     for path in [*stand_ins, skeleton]:
         path.unlink(missing_ok=True)
+    return fh.sha.hexdigest()

@@ -26,7 +26,6 @@ from surgery.compile.sophgo_check import simulate
 from surgery.compile.sophgo_graphs import QUANTS, float_mode, plan_job
 from surgery.compile.toolchains import home, installed
 from surgery.compile.tpumlir import WorkerPool
-from surgery.fsutil import sha256_file
 from surgery.manifest import Compiled, Manifest
 
 # cosine floors on the simulator, per quantization mode, for the hidden states of every block, and for what
@@ -118,7 +117,7 @@ class SophgoAdapter(Adapter):
                 combining.result()  # its error, if any, here
         os.replace(tmp, combined)
         copy_host_files(onnx_dir, out, manifest)
-        digest = sha256_file(combined)
+        digest = combining.result()  # hashed as it was written
         compiled = replace(manifest, backend="bmodel", graphs=[
             replace(g, file=name, sha256=digest, data_file=None, data_sha256=None) for g in manifest.graphs])
         compiled.compiled = Compiled(

@@ -51,9 +51,14 @@ class TpuMlirWorker:
         if not answer["ok"]:
             raise SurgeryError(f"{what} failed ({answer['error']})\nlast 30 lines of {log}:\n{log_tail(log)}")
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
+    def stop(self) -> None:
+        """Ask the worker to exit (it does once its input closes) without waiting for it."""
+        if self.proc.poll() is None and not self.proc.stdin.closed:
             self.proc.stdin.close()
+
+    def close(self) -> None:
+        self.stop()
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -185,9 +190,11 @@ class WorkerPool:
         worker.close()
 
     def close(self) -> None:
-        for worker in self.started:
-            if worker is not None:
-                worker.close()
+        workers = [w for w in self.started if w is not None]
+        for worker in workers:  # all asked first: they tear the compiler down side by side
+            worker.stop()
+        for worker in workers:
+            worker.close()
 
     def __enter__(self) -> WorkerPool:
         return self

@@ -17,6 +17,7 @@ from surgery.compile.bmodel_combine import HEADER, combine, read_bmodel
 from surgery.compile.bmodel_fbs import Binary, binary_slots
 from surgery.compile.toolchains import bin_env, installed
 from surgery.errors import SurgeryError
+from surgery.fsutil import sha256_file
 
 needs_tpu_mlir = pytest.mark.skipif(installed("sophgo") is None, reason="TPU-MLIR toolchain absent")
 STAMP = re.compile(rb"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")  # bmodel "create time"
@@ -47,7 +48,8 @@ def test_combine_writes_model_tools_bytes(nets: tuple[list[Path], Path], tmp_pat
     subprocess.run(["model_tool", "--combine", *map(str, inputs), "-o", str(reference)], env=bin_env("sophgo"),
                    check=True, capture_output=True, cwd=tmp_path)
     ours = tmp_path / "ours.bmodel"
-    combine(inputs, ours, tmp_path / "work")
+    digest = combine(inputs, ours, tmp_path / "work")
+    assert digest == sha256_file(ours)  # hashed while written, as the manifest records it
     assert unstamped(ours) == unstamped(reference)
     assert unstamped(bundled) == unstamped(reference)  # what `surgery compile` ships
     assert not list((tmp_path / "work").glob("*.bmodel"))  # stand-ins cleaned up

@@ -75,7 +75,7 @@ def test_pool_runs_exclusive_items_alone_with_the_idle_workers_stopped():
 
     from surgery.compile.tpumlir import WorkerPool
 
-    lock, live, log = threading.Lock(), set(), []
+    lock, live, log, stopping, waits = threading.Lock(), set(), [], set(), []
 
     class Worker:  # a stand-in: fn below never talks to a compiler
         count = 0
@@ -86,8 +86,13 @@ def test_pool_runs_exclusive_items_alone_with_the_idle_workers_stopped():
                 self.name = f"w{Worker.count}"
                 live.add(self.name)
 
+        def stop(self) -> None:
+            with lock:
+                stopping.add(self.name)
+
         def close(self) -> None:
             with lock:
+                waits.append(live <= stopping | {self.name})  # the pool asked every worker before waiting on one
                 live.discard(self.name)
 
     running: list[str] = []
@@ -113,6 +118,9 @@ def test_pool_runs_exclusive_items_alone_with_the_idle_workers_stopped():
         if item.startswith("table"):
             assert beside == [item] and len(workers) == 1, (item, beside, workers)  # alone, the idle one gone
     assert max(len(beside) for item, beside, _ in log if item.startswith("block")) == 2  # the rest in pairs
+    waits.clear()
+    pool.close()
+    assert not live and len(waits) == 2 and all(waits)
     with pytest.raises(ValueError, match="boom"):
         pool.map(lambda w, i: (_ for _ in ()).throw(ValueError("boom")) if i == 2 else i, [1, 2, 3])
     pool.close()
