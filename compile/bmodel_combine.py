@@ -8,9 +8,10 @@ bytes. That buffer grows by doubling, so the tool holds about 1.8x the combined 
 
 Here the tool still builds the flatbuffer (every rule about nets, stages, cascades, neuron sizes and kernel
 modules stays its own), but on *stand-ins*: copies of the inputs whose binaries are replaced by 40-byte
-tokens (the binary's size and sha256). Equal binaries give equal tokens, so the tool deduplicates the
-stand-ins exactly as it would the real bytes, and its output is the real output with every binary shrunk to
-its token. Reading the tokens back in order gives each binary's real offset; the Binary structs in the
+tokens (the binary's size and sha256; the tool pads each binary to 4 KiB, so a token takes one block).
+Equal binaries give equal tokens, so the tool deduplicates the stand-ins exactly as it would the real
+bytes, and its output is the real output with every binary shrunk to its token. Reading the tokens back in
+order gives each binary's real offset (the same 4 KiB padding applied to real sizes); the Binary structs in the
 flatbuffer are patched in place (fixed-size structs: the flatbuffer keeps its length), and the binaries are
 copied file to file behind it. The result equals `model_tool --combine`'s bytes apart from its create-time
 stamp (tests/test_bmodel_combine.py), and the memory is the flatbuffers plus a copy buffer.
