@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +62,23 @@ def read_bmodel(path: Path) -> tuple[int, bytearray]:
         return header_size + fb_size, bytearray(fh.read(fb_size))
 
 
-def digest(path: Path, offset: int, size: int) -> bytes:
-    """sha256 of `size` bytes of `path` from `offset`, read in chunks."""
-    h = hashlib.sha256()
+def chunks(path: Path, offset: int, size: int) -> Iterator[bytes]:
+    """`size` bytes of `path` from `offset`, CHUNK at a time."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         left = size
         while left:
             block = fh.read(min(CHUNK, left))
             if not block:
-                raise SurgeryError(f"{path} ends inside one of its binaries; rebuild it")
-            h.update(block)
+                raise SurgeryError(f"{path} ends inside one of its binaries (changed while combined?); rebuild it")
+            yield block
             left -= len(block)
+
+
+def digest(path: Path, offset: int, size: int) -> bytes:
+    h = hashlib.sha256()
+    for block in chunks(path, offset, size):
+        h.update(block)
     return h.digest()
 
 
@@ -133,18 +139,6 @@ class HashingWriter:
         self.sha.update(data)
 
 
-def copy_range(src: Path, offset: int, size: int, dst: HashingWriter) -> None:
-    with open(src, "rb") as fh:
-        fh.seek(offset)
-        left = size
-        while left:
-            block = fh.read(min(CHUNK, left))
-            if not block:
-                raise SurgeryError(f"{src} changed while it was being combined; rerun")
-            dst.write(block)
-            left -= len(block)
-
-
 def combine(inputs: list[Path], out: Path, work: Path) -> str:
     """Combine `inputs` into `out` as `model_tool --combine` would, holding only flatbuffers in memory;
     return the sha256 of what was written. `work` holds the stand-ins and the tool's log."""
@@ -176,7 +170,8 @@ def combine(inputs: list[Path], out: Path, work: Path) -> str:
         fh.write(HEADER.pack(MAGIC, HEADER.size, len(fb), offsets[len(section)]))
         fh.write(fb)
         for at in range(0, len(section), ALIGN):
-            copy_range(placed[at].path, placed[at].offset, placed[at].size, fh)
+            for block in chunks(placed[at].path, placed[at].offset, placed[at].size):
+                fh.write(block)
             fh.write(bytes(aligned(placed[at].size) - placed[at].size))
     for path in [*stand_ins, skeleton]:
         path.unlink(missing_ok=True)
