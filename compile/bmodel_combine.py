@@ -36,6 +36,7 @@ MAGIC = 0xFF55AAEE
 TOKEN = struct.Struct("<Q32s")  # a binary's size and sha256: what stands in for it
 ALIGN = 4096  # the tool starts every binary on a 4 KiB boundary, zero-padded (TPU-MLIR 1.30.2)
 CHUNK = 16 << 20
+AGAIN = "delete it and compile again (it is rebuilt)"  # the inputs are our cache's nets
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ def read_bmodel(path: Path) -> tuple[int, bytearray]:
             raise SurgeryError(f"{path} is not a bmodel (shorter than its header)")
         magic, header_size, fb_size, bin_size = HEADER.unpack(head)
         if magic != MAGIC or header_size < HEADER.size:
-            raise SurgeryError(f"{path} is not a bmodel (magic {magic:#x}); rebuild it")
+            raise SurgeryError(f"{path} is not a bmodel (magic {magic:#x}); {AGAIN}")
         if header_size + fb_size + bin_size > os.fstat(fh.fileno()).st_size:
-            raise SurgeryError(f"{path} is truncated: its header promises more bytes than the file has; rebuild it")
+            raise SurgeryError(f"{path} is truncated: its header promises more bytes than the file has; {AGAIN}")
         fh.seek(header_size)
         return header_size + fb_size, bytearray(fh.read(fb_size))
 
@@ -70,7 +71,7 @@ def chunks(path: Path, offset: int, size: int) -> Iterator[bytes]:
         while left:
             block = fh.read(min(CHUNK, left))
             if not block:
-                raise SurgeryError(f"{path} ends inside one of its binaries (changed while combined?); rebuild it")
+                raise SurgeryError(f"{path} ends inside one of its binaries (changed while combined?); {AGAIN}")
             yield block
             left -= len(block)
 

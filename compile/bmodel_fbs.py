@@ -51,7 +51,7 @@ class Reader:
         size = struct.calcsize(fmt)
         if pos < 0 or pos + size > len(self.buf):
             raise SurgeryError(f"bmodel flatbuffer is damaged: a read at {pos} runs past its {len(self.buf)} "
-                               "bytes; rebuild the bmodel")
+                               "bytes; delete the bmodel and compile again")
         return struct.unpack_from(fmt, self.buf, pos)[0]
 
     def field(self, table: int, field_id: int) -> int | None:
@@ -73,7 +73,7 @@ class Reader:
         count = self.read("<I", start)
         if start + 4 + count * stride > len(self.buf):
             raise SurgeryError(f"bmodel flatbuffer is damaged: a vector of {count} runs past its end; "
-                               "rebuild the bmodel")
+                               "delete the bmodel and compile again")
         return [start + 4 + i * stride for i in range(count)]
 
 
