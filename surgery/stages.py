@@ -33,9 +33,9 @@ class StageRun:
 
 
 def release_freed_memory() -> None:
-    """Hand the memory a finished stage freed back to the system. glibc keeps freed heap for reuse, so the
-    next stage would otherwise start at the last one's peak: at 7B the compile stage began at export's 5 GB
-    and, with the compiler workers beside it, the tree went past 6 GB."""
+    """Hand freed memory back to the system before a stage starts. glibc keeps freed heap for reuse, so a
+    stage would otherwise start at the peak of what ran before it: at 7B the compile stage began at export's
+    5 GB and, with the compiler workers beside it, the tree went past 6 GB."""
     gc.collect()
     if sys.platform.startswith("linux"):
         try:
@@ -64,11 +64,11 @@ def run_stages(stages: list[Stage], stages_dir: Path, state_path: Path, options:
         stale = True
         progress(stage.name)
         shutil.rmtree(dst, ignore_errors=True)
+        release_freed_memory()  # the stage before's, or the caller's (a test that built a model in-process)
         start = time.perf_counter()
         with PeakWatch() as watch:
             run.results[stage.name] = stage.run(dst)
         run.seconds[stage.name] = time.perf_counter() - start
-        release_freed_memory()
         run.peak_mb[stage.name] = {"process": watch.process_mb, "tree": watch.tree_mb}
         done[stage.name] = {"key": key, "result": run.results[stage.name], "seconds": run.seconds[stage.name],
                             "peak_mb": run.peak_mb[stage.name]}
