@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -73,6 +74,36 @@ def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quanti
     # the cost of each check, and of each graph this run built (none: all cached), as the bench reads them
     assert set(manifest.compiled.details["simulate_seconds"]) == {r["graph"] for r in rows}
     assert Manifest.read(again).compiled.details["build_seconds"] == {}
+
+
+@needs_tpu_mlir
+def test_a_rerun_rebuilds_only_what_changed(onnx_dir: Path, tmp_path: Path):
+    """One block's weights changed: that block alone is rebuilt. One option changed (the group size): the
+    quantized blocks are rebuilt, the tables and heads come from the cache."""
+    from onnx import numpy_helper
+
+    options = CompileOptions("bm1684x", "w4bf16", 32, check="none")
+    SOPHGO.compile(onnx_dir, tmp_path / "first", options)  # every graph built or found in the cache
+    changed = shutil.copytree(onnx_dir, tmp_path / "changed")
+    path = changed / "block_cache_1.onnx"
+    model = onnx.load(path)
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[0] += 0.5
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, path)
+    manifest = Manifest.read(changed, check=False)  # its record of the block is what we fix here
+    manifest.graphs = [g if g.name != "block_cache_1" else replace(g, sha256=sha256_file(path))
+                       for g in manifest.graphs]
+    manifest.write(changed)
+
+    def rebuilt(out: Path) -> set[str]:
+        return {log.parent.name for log in (out / "work").glob("*/compile.log")}
+
+    SOPHGO.compile(changed, tmp_path / "second", options)
+    assert rebuilt(tmp_path / "second") == {"block_cache_1"}
+    SOPHGO.compile(onnx_dir, tmp_path / "third", CompileOptions("bm1684x", "w4bf16", 64, check="none"))
+    assert rebuilt(tmp_path / "third") == {"block_0", "block_1", "block_cache_0", "block_cache_1"}
 
 
 @needs_tpu_mlir
