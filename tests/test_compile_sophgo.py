@@ -77,21 +77,24 @@ def test_bm1684x_compile_on_the_simulator(onnx_dir: Path, tmp_path: Path, quanti
 
 
 @needs_tpu_mlir
-def test_a_rerun_rebuilds_only_what_changed(onnx_dir: Path, tmp_path: Path):
+def test_a_rerun_rebuilds_only_what_changed(onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """One block's weights changed: that block alone is rebuilt. One option changed (the group size): the
     quantized blocks are rebuilt, the tables and heads come from the cache."""
     from onnx import numpy_helper
 
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # its own: no build of an earlier run counts
     options = CompileOptions("bm1684x", "w4bf16", 32, check="none")
     SOPHGO.compile(onnx_dir, tmp_path / "first", options)  # every graph built or found in the cache
     changed = shutil.copytree(onnx_dir, tmp_path / "changed")
     path = changed / "block_cache_1.onnx"
-    model = onnx.load(path)
-    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    model, before = onnx.load(path), sha256_file(path)
+    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    weight = max(weights, key=lambda t: numpy_helper.to_array(t).size)  # a projection's weight
     values = numpy_helper.to_array(weight).copy()
     values.flat[0] += 0.5
     weight.CopyFrom(numpy_helper.from_array(values, weight.name))
     onnx.save(model, path)
+    assert sha256_file(path) != before
     manifest = Manifest.read(changed, check=False)  # its record of the block is what we fix here
     manifest.graphs = [g if g.name != "block_cache_1" else replace(g, sha256=sha256_file(path))
                        for g in manifest.graphs]
