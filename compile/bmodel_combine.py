@@ -94,12 +94,15 @@ def stand_in(path: Path, out: Path, sources: dict[bytes, Source]) -> None:
     """Write `path` with each binary replaced by its token; record where each token's real bytes are."""
     base, fb = read_bmodel(path)
     tokens: dict[bytes, int] = {}
+    hashed: dict[tuple[int, int], bytes] = {}  # a region several slots point at is read once
     section = bytearray()
     for slot in binary_slots(fb):
         start, size = Binary.unpack_from(fb, slot.pos)
         if size == 0:
             continue  # read as nothing, whatever its start: left as it is
-        token = TOKEN.pack(size, digest(path, base + start, size))
+        if (start, size) not in hashed:
+            hashed[start, size] = TOKEN.pack(size, digest(path, base + start, size))
+        token = hashed[start, size]
         sources.setdefault(token, Source(path, base + start, size))
         if token not in tokens:
             tokens[token] = len(section)
@@ -162,7 +165,7 @@ def combine(inputs: list[Path], out: Path, work: Path) -> str:
         start, size = Binary.unpack_from(fb, slot.pos)
         if size == 0 and slot.in_vector:
             continue  # the tool skips empty binaries in vectors: their start is the input's, left as it is
-        if start not in offsets or size not in (0, TOKEN.size):
+        if start not in (placed if size else offsets) or size not in (0, TOKEN.size):
             raise SurgeryError(f"model_tool --combine points a binary at {start}+{size}, between stand-ins; "
                                "this TPU-MLIR version's bmodel layout is not one this combine knows")
         Binary.pack_into(fb, slot.pos, offsets[start], placed[start].size if size else 0)
