@@ -114,10 +114,9 @@ class SophgoAdapter(Adapter):
                 rows = simulate(pool, onnx_dir, dict(zip((j.name for j in jobs), built, strict=True)),
                                 sampled(manifest, options.check, costly=True), manifest.vocab_size, work, seconds,
                                 heavy={j.name for j in jobs if big_table(j)})
-                combining.result()  # its error, if any, here
+                digest = combining.result()  # its error, if any, here; the sha256 taken as it was written
         os.replace(tmp, combined)
         copy_host_files(onnx_dir, out, manifest)
-        digest = combining.result()  # hashed as it was written
         compiled = replace(manifest, backend="bmodel", graphs=[
             replace(g, file=name, sha256=digest, data_file=None, data_sha256=None) for g in manifest.graphs])
         compiled.compiled = Compiled(
